@@ -1,0 +1,517 @@
+//! The command line: the fuse-overlayfs form (`-o OPTS MOUNTPOINT`), the mount.fuse3 form
+//! (`SOURCE MOUNTPOINT -o OPTS`) and the subcommands, turned into a [`Command`].
+//!
+//! The clap definition lives in [`command`] so that `--help` and the man page (clap_mangen) are
+//! generated from the same text and never disagree. No I/O here beyond what clap does for
+//! `-h`/`-V`; checks against the filesystem are in `preflight`.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::path::PathBuf;
+
+use clap::error::ErrorKind;
+use clap::{Arg, ArgAction, value_parser};
+
+use crate::config::{self, Config, ConfigError, IGNORED_OPTIONS, NOT_IMPLEMENTED_OPTIONS};
+
+/// What the user asked for.
+#[derive(Debug, Clone, PartialEq)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "built once at start-up; boxing would only make callers unwrap it"
+)]
+pub enum Command {
+    /// Mount an overlay with this configuration.
+    Mount(Config),
+    /// Run the demonstration.
+    Demo,
+}
+
+/// Why the command line was not accepted.
+#[derive(Debug)]
+pub enum CliError {
+    /// Usage errors, and also `-h`/`-V`: `main` calls `.exit()` on it so clap prints the help,
+    /// version or usage with the right exit code.
+    Clap(clap::Error),
+    /// The options were understood by clap but make no valid mount.
+    Config(ConfigError),
+}
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CliError::Clap(e) => e.fmt(f),
+            CliError::Config(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for CliError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            CliError::Clap(e) => Some(e),
+            CliError::Config(e) => Some(e),
+        }
+    }
+}
+
+impl From<clap::Error> for CliError {
+    fn from(e: clap::Error) -> Self {
+        CliError::Clap(e)
+    }
+}
+
+impl From<ConfigError> for CliError {
+    fn from(e: ConfigError) -> Self {
+        CliError::Config(e)
+    }
+}
+
+/// The `-o` options we honour, as `(syntax, meaning)`, for the help text. Options accepted but
+/// ignored or not implemented are listed from `config`'s own tables, so the help cannot drift.
+#[rustfmt::skip]
+const OPTION_TABLE: &[(&str, &str)] = &[
+    ("lowerdir=DIR[:DIR...]", "read-only layers, top-most first; '\\' escapes ':' ',' '\\'"),
+    ("upperdir=DIR",          "writable layer receiving all changes (needs workdir)"),
+    ("workdir=DIR",           "empty directory on upperdir's filesystem, for atomic copy-up"),
+    ("userxattr",             "keep overlay metadata in user.overlay.* instead of trusted.overlay.*"),
+    ("ro",                    "mount read-only (always so without upperdir)"),
+    ("rw",                    "mount read-write (the default with upperdir)"),
+    ("allow_other",           "let other users access the mount (default as root)"),
+    ("default_permissions",   "kernel checks access from file modes (always on)"),
+    ("suid, nosuid",          "honour or ignore set-user/group-id bits (suid default as root)"),
+    ("dev, nodev",            "allow or refuse device files (default nodev)"),
+    ("exec, noexec",          "allow or refuse running programs (default exec)"),
+    ("atime, noatime",        "update or not access times (default noatime)"),
+    ("fsname=NAME",           "source shown in /proc/mounts (default SOURCE or rsfs-overlay)"),
+    ("subtype=NAME",          "type shown as fuse.NAME (default rsfs-overlay)"),
+    ("debug",                 "log every request and stay in the foreground, like -d"),
+    ("threads=N",             "serve requests with N threads (N >= 1)"),
+    ("threaded=N",            "fuse-overlayfs's spelling of threads=N; 0 means 1"),
+    ("timeout=SECONDS",       "how long the kernel may cache entries and attributes"),
+];
+
+const ABOUT: &str =
+    "An overlay (union) filesystem served through FUSE, a drop-in for fuse-overlayfs";
+
+const LONG_ABOUT: &str = "\
+An overlay (union) filesystem served through FUSE, a drop-in replacement for fuse-overlayfs with \
+the semantics and on-disk format of the kernel's overlayfs.
+
+The lower directories are merged, top-most first; changes go to the upper directory, with \
+whiteouts recording deletions, so the lower directories are never modified. Without an upper \
+directory the mount is read-only.
+
+It can be run directly (rsfs-overlay -o lowerdir=...,upperdir=...,workdir=... MOUNTPOINT), or \
+by mount(8) as 'mount -t fuse.rsfs-overlay SOURCE MOUNTPOINT -o ...', which runs it as \
+'rsfs-overlay SOURCE MOUNTPOINT -o ...'. Unmount with 'fusermount3 -u MOUNTPOINT' or umount(8).";
+
+/// Indentation of the meaning column in the options table.
+const TABLE_INDENT: usize = 26;
+
+/// The options table shown after the help and in the man page.
+fn options_help() -> String {
+    let mut text = String::from("Mount options (-o OPTION[,OPTION...]):\n");
+    for (syntax, meaning) in OPTION_TABLE {
+        text.push_str(&format!(
+            "  {syntax:<width$}{meaning}\n",
+            width = TABLE_INDENT - 2
+        ));
+    }
+    text.push_str("\nAccepted and ignored, as passed by mount(8), fstab and SELinux:\n");
+    let ignored: Vec<String> = IGNORED_OPTIONS
+        .iter()
+        .map(|o| o.to_string())
+        .chain(["x-*".to_owned()])
+        .collect();
+    text.push_str(&wrap_list(&ignored));
+    text.push_str(
+        "\nAccepted with a warning, not implemented yet \
+         (fuse-overlayfs and kernel overlayfs options):\n",
+    );
+    let pending: Vec<String> = NOT_IMPLEMENTED_OPTIONS
+        .iter()
+        .map(|o| o.to_string())
+        .collect();
+    text.push_str(&wrap_list(&pending));
+    text.push_str("\nRefused: plugins= (fuse-overlayfs plugins are not supported).");
+    text
+}
+
+/// Joins option names into indented lines that fit an 80-column terminal.
+fn wrap_list(names: &[String]) -> String {
+    const WIDTH: usize = 78;
+    let mut out = String::new();
+    let mut line = String::from(" ");
+    for (i, name) in names.iter().enumerate() {
+        let item = if i + 1 < names.len() {
+            format!(" {name},")
+        } else {
+            format!(" {name}")
+        };
+        if line.len() + item.len() > WIDTH {
+            out.push_str(&line);
+            out.push('\n');
+            line = String::from(" ");
+        }
+        line.push_str(&item);
+    }
+    out.push_str(&line);
+    out.push('\n');
+    out
+}
+
+/// The complete clap definition of the command line.
+pub fn command() -> clap::Command {
+    clap::Command::new(env!("CARGO_PKG_NAME"))
+        // Fixed, because mount(8) may start us under a path or another argv[0].
+        .bin_name(env!("CARGO_PKG_NAME"))
+        .version(env!("CARGO_PKG_VERSION"))
+        .about(ABOUT)
+        .long_about(LONG_ABOUT)
+        .override_usage(
+            "rsfs-overlay [-f] [-d] -o OPTION[,OPTION...] [SOURCE] MOUNTPOINT\n       \
+             rsfs-overlay demo",
+        )
+        .after_help(options_help())
+        .disable_help_subcommand(true)
+        // Without these, `rsfs-overlay overlay /merged` (mount.fuse3's form) and a subcommand
+        // name would compete for the first positional; a known subcommand name wins only when no
+        // mount arguments are given.
+        .args_conflicts_with_subcommands(true)
+        .subcommand_negates_reqs(true)
+        .arg(
+            Arg::new("options")
+                .short('o')
+                .value_name("OPTION[,OPTION...]")
+                .action(ArgAction::Append)
+                .value_parser(value_parser!(String))
+                .help("Mount options, comma separated; may be repeated (see the table below)"),
+        )
+        .arg(
+            Arg::new("foreground")
+                .short('f')
+                .long("foreground")
+                .action(ArgAction::SetTrue)
+                .help("Stay in the foreground instead of running as a daemon"),
+        )
+        .arg(
+            Arg::new("debug")
+                .short('d')
+                .long("debug")
+                .action(ArgAction::SetTrue)
+                .help("Log every request; implies -f"),
+        )
+        // `[SOURCE] <MOUNTPOINT>`: a single positional is the mountpoint.
+        .allow_missing_positional(true)
+        .arg(
+            Arg::new("source")
+                .value_name("SOURCE")
+                .index(1)
+                .value_parser(value_parser!(String))
+                .help(
+                    "Source name as mount(8) passes it; shown in /proc/mounts unless fsname= \
+                     is given",
+                ),
+        )
+        .arg(
+            Arg::new("mountpoint")
+                .value_name("MOUNTPOINT")
+                .index(2)
+                .required(true)
+                .value_parser(value_parser!(PathBuf))
+                .help("The directory to mount the merged view on"),
+        )
+        .subcommand(
+            clap::Command::new("demo")
+                .about("Run a short demonstration on sample layers in a temporary directory"),
+        )
+}
+
+/// Parses a whole command line (`args[0]` is the program name). `is_root` selects the default
+/// options, as fuse-overlayfs does for root.
+pub fn parse_cli<I, T>(args: I, is_root: bool) -> Result<Command, CliError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let matches = command().try_get_matches_from(args)?;
+    match matches.subcommand() {
+        Some(("demo", _)) => return Ok(Command::Demo),
+        Some((name, _)) => {
+            let message = format!("subcommand '{name}' is not handled");
+            return Err(command()
+                .error(ErrorKind::InvalidSubcommand, message)
+                .into());
+        }
+        None => {}
+    }
+
+    let Some(mountpoint) = matches.get_one::<PathBuf>("mountpoint") else {
+        let message = "give the mountpoint: rsfs-overlay -o OPTIONS MOUNTPOINT";
+        return Err(command()
+            .error(ErrorKind::MissingRequiredArgument, message)
+            .into());
+    };
+    let source = matches.get_one::<String>("source");
+
+    let mut cfg = Config::new(mountpoint.clone(), is_root);
+    // Set before the options so that an explicit fsname= still wins.
+    if let Some(source) = source.filter(|s| !s.is_empty()) {
+        cfg.fsname = source.clone();
+    }
+    for opts in matches.get_many::<String>("options").into_iter().flatten() {
+        config::parse_options(opts, &mut cfg)?;
+    }
+    if matches.get_flag("foreground") {
+        cfg.foreground = true;
+    }
+    if matches.get_flag("debug") {
+        cfg.debug = true;
+        cfg.foreground = true;
+    }
+    cfg.validate()?;
+    // The kernel mounts a stack without an upper layer read-only; say so to FUSE as well, so
+    // writes fail with EROFS in the kernel before they reach us.
+    if cfg.upperdir.is_none() {
+        cfg.read_only = true;
+    }
+    Ok(Command::Mount(cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    const LAYERS: &str = "lowerdir=/l2:/l1,upperdir=/u,workdir=/w";
+
+    fn mount(args: &[&str]) -> Config {
+        let mut argv = vec!["rsfs-overlay"];
+        argv.extend_from_slice(args);
+        match parse_cli(&argv, false) {
+            Ok(Command::Mount(cfg)) => cfg,
+            other => panic!("{args:?}: {other:?}"),
+        }
+    }
+
+    fn failure(args: &[&str]) -> CliError {
+        let mut argv = vec!["rsfs-overlay"];
+        argv.extend_from_slice(args);
+        match parse_cli(&argv, false) {
+            Err(e) => e,
+            Ok(c) => panic!("{args:?} parsed as {c:?}"),
+        }
+    }
+
+    fn clap_kind(args: &[&str]) -> ErrorKind {
+        match failure(args) {
+            CliError::Clap(e) => e.kind(),
+            CliError::Config(e) => panic!("{args:?}: config error {e}"),
+        }
+    }
+
+    fn config_error(args: &[&str]) -> String {
+        match failure(args) {
+            CliError::Config(e) => e.0,
+            CliError::Clap(e) => panic!("{args:?}: clap error {e}"),
+        }
+    }
+
+    #[test]
+    fn definition_is_consistent() {
+        command().debug_assert();
+    }
+
+    #[test]
+    fn forms_that_parse() {
+        type Probe = fn(&Config) -> bool;
+        fn layers(c: &Config) -> bool {
+            c.lowerdirs == [PathBuf::from("/l2"), PathBuf::from("/l1")]
+                && c.upperdir == Some(PathBuf::from("/u"))
+                && c.workdir == Some(PathBuf::from("/w"))
+                && c.mountpoint == Path::new("/merged")
+        }
+        let cases: &[(&[&str], Probe)] = &[
+            (&["-o", LAYERS, "/merged"], |c| {
+                layers(c) && c.fsname == "rsfs-overlay" && !c.foreground && !c.read_only
+            }),
+            (
+                &[
+                    "overlay",
+                    "/merged",
+                    "-o",
+                    "rw,lowerdir=/l2:/l1,upperdir=/u,workdir=/w",
+                ],
+                |c| layers(c) && c.fsname == "overlay",
+            ),
+            (
+                &[
+                    "overlay",
+                    "/merged",
+                    "-o",
+                    "fsname=mine,lowerdir=/l2:/l1,upperdir=/u,workdir=/w",
+                ],
+                |c| layers(c) && c.fsname == "mine",
+            ),
+            (
+                &["-o", "fsname=mine", "src", "/merged", "-o", LAYERS],
+                |c| layers(c) && c.fsname == "mine",
+            ),
+            (&["-f", "-o", LAYERS, "/merged"], |c| {
+                layers(c) && c.foreground && !c.debug
+            }),
+            (&["-d", "-o", LAYERS, "/merged"], |c| {
+                layers(c) && c.foreground && c.debug
+            }),
+            (&["--debug", "-o", LAYERS, "/merged"], |c| {
+                c.foreground && c.debug
+            }),
+            (&["-f", "-d", "-o", LAYERS, "/merged"], |c| {
+                c.foreground && c.debug
+            }),
+            (&[&format!("-o{LAYERS}"), "/merged"], |c| layers(c)),
+            (
+                &[
+                    "-o",
+                    "lowerdir=/l2:/l1",
+                    "-o",
+                    "upperdir=/u",
+                    "-oworkdir=/w",
+                    "/merged",
+                ],
+                |c| layers(c),
+            ),
+            (&["-o", "lowerdir=/x", "-o", LAYERS, "/merged"], |c| {
+                layers(c)
+            }),
+            (&["/merged", "-o", LAYERS], |c| layers(c)),
+            (&["-o", &format!("{LAYERS},,volatile"), "/merged"], |c| {
+                layers(c) && c.warnings.len() == 1
+            }),
+            (&["-o", "lowerdir=/l", "/merged"], |c| {
+                c.read_only && c.upperdir.is_none() && c.lowerdirs == [PathBuf::from("/l")]
+            }),
+            (&["-o", &format!("{LAYERS},ro"), "/merged"], |c| c.read_only),
+            (&["-o", &format!("{LAYERS},debug"), "/merged"], |c| {
+                c.debug && c.foreground
+            }),
+            (&["-o", LAYERS, "demo"], |c| {
+                c.mountpoint == Path::new("demo")
+            }),
+        ];
+        for (args, probe) in cases {
+            let cfg = mount(args);
+            assert!(probe(&cfg), "{args:?}: {cfg:?}");
+        }
+    }
+
+    #[test]
+    fn root_gets_root_defaults() {
+        let argv = ["rsfs-overlay", "-o", LAYERS, "/merged"];
+        for is_root in [false, true] {
+            let Ok(Command::Mount(cfg)) = parse_cli(argv, is_root) else {
+                panic!("root={is_root}");
+            };
+            assert_eq!((cfg.allow_other, cfg.suid), (is_root, is_root));
+        }
+    }
+
+    #[test]
+    fn demo_subcommand() {
+        assert!(matches!(
+            parse_cli(["rsfs-overlay", "demo"], false),
+            Ok(Command::Demo)
+        ));
+    }
+
+    #[test]
+    fn usage_errors() {
+        let cases: &[(&[&str], ErrorKind)] = &[
+            (&[], ErrorKind::MissingRequiredArgument),
+            (&["-o", LAYERS], ErrorKind::MissingRequiredArgument),
+            (&["-o"], ErrorKind::InvalidValue),
+            (&["a", "b", "c", "-o", LAYERS], ErrorKind::ArgumentConflict),
+            (&["--bogus", "/merged"], ErrorKind::UnknownArgument),
+            (&["-h"], ErrorKind::DisplayHelp),
+            (&["--help"], ErrorKind::DisplayHelp),
+            (&["-V"], ErrorKind::DisplayVersion),
+            (&["--version"], ErrorKind::DisplayVersion),
+        ];
+        for (args, want) in cases {
+            assert_eq!(clap_kind(args), *want, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn config_errors() {
+        let missing = "missing 'lowerdir' option: give at least one lower directory with \
+                       -o lowerdir=DIR[:DIR...]";
+        let cases: &[(&[&str], &str)] = &[
+            (&["/merged"], missing),
+            (&["-o", "upperdir=/u,workdir=/w", "/merged"], missing),
+            (
+                &["-o", "lowerdir=/l,upperdir=/u", "/merged"],
+                "'upperdir' needs 'workdir'",
+            ),
+            (
+                &["-o", "lowerdir=/l,workdir=/w", "/merged"],
+                "'workdir' needs 'upperdir'",
+            ),
+            (
+                &["-o", "lowerdir=/l,frob", "/merged"],
+                "unknown option 'frob'",
+            ),
+            (
+                &["-o", "lowerdir=/l,plugins=x", "/merged"],
+                "option 'plugins' is not supported",
+            ),
+        ];
+        for (args, want) in cases {
+            assert_eq!(config_error(args), *want, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn version_names_the_program() {
+        let CliError::Clap(e) = failure(&["-V"]) else {
+            panic!("not a clap error")
+        };
+        assert_eq!(
+            e.to_string().trim(),
+            format!("rsfs-overlay {}", env!("CARGO_PKG_VERSION"))
+        );
+    }
+
+    #[test]
+    fn help_lists_every_option() {
+        let help = command().render_long_help().to_string();
+        let names = OPTION_TABLE
+            .iter()
+            .flat_map(|(syntax, _)| syntax.split(", "))
+            .chain(IGNORED_OPTIONS.iter().copied())
+            .chain(NOT_IMPLEMENTED_OPTIONS.iter().copied())
+            .chain(["x-*", "plugins=", "demo", "-f", "-d", "-o"]);
+        for name in names {
+            assert!(help.contains(name), "help does not mention {name}:\n{help}");
+        }
+        assert!(help.lines().all(|l| l.len() <= 100), "{help}");
+    }
+
+    #[test]
+    fn every_documented_option_is_accepted() {
+        // Each honoured option in the table, with a value where its syntax asks for one.
+        for (syntax, _) in OPTION_TABLE {
+            for spelling in syntax.split(", ") {
+                let opt = match spelling.split_once('=') {
+                    Some((key, _)) => format!("{key}=1"),
+                    None => spelling.to_owned(),
+                };
+                let mut cfg = Config::new(PathBuf::from("/m"), false);
+                let got = config::parse_options(&opt, &mut cfg);
+                assert_eq!(got, Ok(()), "{opt}");
+                assert!(cfg.warnings.is_empty(), "{opt}: {:?}", cfg.warnings);
+            }
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! Copy-up: an object of a lower layer gets its upper copy before anything changes it. The copy
+//! is built in the work directory (data, xattrs, origin, owner, mode, times last) and put in
+//! place with one `rename`, so a crash leaves either the lower version visible or the complete
+//! copy. Parents are copied up first; the parent's times are restored afterwards, as the
+//! kernel does, so a copy-up is invisible in the merged view.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use nix::fcntl::OFlag;
+use nix::sys::stat::{FileStat, Mode, SFlag, UtimensatFlags};
+use nix::sys::time::TimeSpec;
+use nix::unistd::{FchownatFlags, Gid, Uid};
+use tracing::debug;
+
+use crate::layer::{self, LayerId, XattrTarget};
+use crate::lookup;
+use crate::node::{Backing, DirLayer, Node, fd_of};
+use crate::overlay::{Location, Overlay, errno};
+use crate::sys;
+use crate::workdir::WorkDir;
+
+/// The upper layer's id: the upper is always layer 0 when there is one.
+pub const UPPER: LayerId = 0;
+
+/// What a copy-up must bring along.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyData {
+    /// The whole object.
+    All,
+    /// Everything but a regular file's data (the caller truncates it to 0 anyway).
+    MetadataOnly,
+}
+
+impl Overlay {
+    pub(crate) fn work(&self) -> io::Result<&WorkDir> {
+        if self.opts.read_only {
+            return Err(errno(libc::EROFS));
+        }
+        self.stack.work.as_ref().ok_or_else(|| errno(libc::EROFS))
+    }
+
+    /// True when the object already lives in the upper layer.
+    pub(crate) fn in_upper(&self, node: &Node) -> bool {
+        self.stack.has_upper && node.state().top_layer() == Some(UPPER)
+    }
+
+    /// The upper copy of the directory `dir`, copying it (and its parents) up if needed.
+    pub(crate) fn upper_dir(&self, dir: &Arc<Node>) -> io::Result<Arc<OwnedFd>> {
+        self.work()?;
+        if let Some(fd) = dir.dir_fd(UPPER) {
+            return Ok(fd);
+        }
+        self.copy_up(dir, CopyData::All)?;
+        dir.dir_fd(UPPER).ok_or_else(|| errno(libc::EIO))
+    }
+
+    /// Gives `node` an upper copy, unless it has one already.
+    pub(crate) fn copy_up(&self, node: &Arc<Node>, data: CopyData) -> io::Result<()> {
+        let work = self.work()?;
+        let _serialized = node.copy_up_lock.lock();
+        if self.in_upper(node) {
+            return Ok(());
+        }
+        let (parent, name) = {
+            let st = node.state();
+            let alias = st.primary_alias().ok_or_else(|| errno(libc::ESTALE))?;
+            (alias.parent.clone(), alias.name.clone())
+        };
+        let parent_upper = self.upper_dir(&parent)?;
+        let (loc, lower) = self.locate(node)?;
+        let st = loc.stat()?;
+        let tmp = work.temp_name();
+        let has_origin = match self.build_copy(work, &tmp, &loc, lower, &st, data) {
+            Ok(has_origin) => has_origin,
+            Err(e) => {
+                work.discard(&tmp);
+                return Err(e);
+            }
+        };
+        let parent_times = layer::stat_fd(fd_of(&parent_upper))?;
+        if let Err(e) = nix::fcntl::renameat(
+            work.fd(),
+            tmp.as_os_str(),
+            fd_of(&parent_upper),
+            name.as_os_str(),
+        ) {
+            work.discard(&tmp);
+            return Err(e.into());
+        }
+        if has_origin {
+            self.mark_impure(fd_of(&parent_upper));
+        }
+        restore_times(fd_of(&parent_upper), None, &parent_times);
+        debug!(ino = node.ino, name = ?name, "copied up");
+        let mut state = node.state_mut();
+        match &mut state.backing {
+            Backing::NonDir { layer } => *layer = UPPER,
+            Backing::Dir(layers) => {
+                let fd = layer::open_dir_at(fd_of(&parent_upper), &name)?;
+                let marks = lookup::read_dir_marks(&self.stack, false, &fd);
+                layers.insert(
+                    0,
+                    DirLayer {
+                        layer: UPPER,
+                        fd: Arc::new(fd),
+                        marks,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds the complete copy of the object at `loc` as `tmp` in the work directory; true
+    /// when it carries an origin record.
+    fn build_copy(
+        &self,
+        work: &WorkDir,
+        tmp: &OsStr,
+        loc: &Location,
+        lower: LayerId,
+        st: &FileStat,
+        data: CopyData,
+    ) -> io::Result<bool> {
+        let wd = work.fd();
+        let kind = st.st_mode & libc::S_IFMT;
+        match (kind, loc) {
+            (libc::S_IFDIR, _) => {
+                nix::sys::stat::mkdirat(wd, tmp, Mode::from_bits_truncate(0o700))?;
+            }
+            (libc::S_IFREG, Location::Entry(dir, name)) => {
+                let src = File::from(layer::open_at(fd_of(dir), name, OFlag::O_RDONLY, 0)?);
+                let dst = File::from(layer::open_at(
+                    wd,
+                    tmp,
+                    OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL,
+                    0o600,
+                )?);
+                if data == CopyData::All {
+                    copy_data(&src, &dst, st.st_size as u64)?;
+                }
+                // The copy must be complete on disk before the rename makes it visible.
+                dst.sync_all()?;
+            }
+            (libc::S_IFLNK, Location::Entry(dir, name)) => {
+                let target = layer::readlink_at(fd_of(dir), name)?;
+                nix::unistd::symlinkat(target.as_slice(), wd, tmp)?;
+            }
+            (_, Location::Entry(..)) => {
+                let sflag = SFlag::from_bits_truncate(kind);
+                nix::sys::stat::mknodat(
+                    wd,
+                    tmp,
+                    sflag,
+                    Mode::from_bits_truncate(0o600),
+                    st.st_rdev,
+                )?;
+            }
+            (_, Location::Dir(_)) => return Err(errno(libc::EIO)),
+        }
+        let dst = XattrTarget::Entry(wd, tmp);
+        copy_xattrs(&self.stack.names, loc.xattr_target(), dst)?;
+        let origin_fd = match loc {
+            Location::Dir(fd) => self.stack.origin_of(lower, fd_of(fd), None),
+            Location::Entry(dir, name) => self.stack.origin_of(lower, fd_of(dir), Some(name)),
+        };
+        if let Some(origin) = &origin_fd {
+            dst.set(&self.stack.names.name("origin"), &origin.encode(), 0)?;
+        }
+        set_owner_mode_times(wd, tmp, st)?;
+        Ok(origin_fd.is_some())
+    }
+
+    /// Marks an upper directory as holding copied-up objects (the kernel's `impure`), so that
+    /// readers of the upper know some entries carry an origin.
+    pub(crate) fn mark_impure(&self, dir: BorrowedFd<'_>) {
+        let target = XattrTarget::Dir(dir);
+        let name = self.stack.names.name("impure");
+        if let Ok(None) = target.get_opt(&name)
+            && let Err(e) = target.set(&name, b"y", 0)
+        {
+            debug!(error = %e, "cannot mark directory impure");
+        }
+    }
+}
+
+/// Owner first (it clears setuid/setgid), then mode, then times last (everything before
+/// changes ctime/mtime).
+pub(crate) fn set_owner_mode_times(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    st: &FileStat,
+) -> io::Result<()> {
+    nix::unistd::fchownat(
+        dir,
+        name,
+        Some(Uid::from_raw(st.st_uid)),
+        Some(Gid::from_raw(st.st_gid)),
+        FchownatFlags::AT_SYMLINK_NOFOLLOW,
+    )?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
+        nix::sys::stat::fchmodat(
+            dir,
+            name,
+            Mode::from_bits_truncate(st.st_mode & 0o7777),
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        )?;
+    }
+    restore_times(dir, Some(name), st);
+    Ok(())
+}
+
+/// Sets atime and mtime from `st` (best effort: a failure only leaves a newer time).
+pub(crate) fn restore_times(dir: BorrowedFd<'_>, name: Option<&OsStr>, st: &FileStat) {
+    let atime = TimeSpec::new(st.st_atime, st.st_atime_nsec);
+    let mtime = TimeSpec::new(st.st_mtime, st.st_mtime_nsec);
+    let res = match name {
+        Some(name) => {
+            nix::sys::stat::utimensat(dir, name, &atime, &mtime, UtimensatFlags::NoFollowSymlink)
+        }
+        None => nix::sys::stat::futimens(dir, &atime, &mtime),
+    };
+    if let Err(e) = res {
+        debug!(error = %e, "cannot restore times");
+    }
+}
+
+/// Copies every extended attribute except the overlay's private ones. Attributes the upper
+/// filesystem cannot store (ENOTSUP) are skipped, as the kernel does for LSM labels.
+pub(crate) fn copy_xattrs(
+    names: &crate::format::XattrNames,
+    src: XattrTarget<'_>,
+    dst: XattrTarget<'_>,
+) -> io::Result<()> {
+    let list = match src.list() {
+        Ok(l) => l,
+        Err(e) if layer::is_no_xattr(&e) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for name in list.iter().filter(|n| !names.is_private(n)) {
+        let value = match src.get(name) {
+            Ok(v) => v,
+            Err(e) if layer::is_no_xattr(&e) => continue,
+            Err(e) => return Err(e),
+        };
+        match dst.set(name, &value, 0) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => {
+                debug!(name = %String::from_utf8_lossy(name), "xattr not supported by the upper");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Copies `size` bytes of data: shares the blocks (FICLONE) where the filesystem can, else
+/// copies only the data segments so holes stay holes.
+pub(crate) fn copy_data(src: &File, dst: &File, size: u64) -> io::Result<()> {
+    if size == 0 {
+        return Ok(());
+    }
+    if sys::ficlone(dst.as_fd(), src.as_fd()).is_ok() {
+        return Ok(());
+    }
+    let mut offset: u64 = 0;
+    while offset < size {
+        let data = match nix::unistd::lseek(src, offset as i64, nix::unistd::Whence::SeekData) {
+            Ok(d) => d as u64,
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(_) => offset,
+        };
+        let hole = match nix::unistd::lseek(src, data as i64, nix::unistd::Whence::SeekHole) {
+            Ok(h) => (h as u64).min(size),
+            Err(_) => size,
+        };
+        copy_range(src, dst, data, hole.saturating_sub(data))?;
+        offset = hole.max(data + 1);
+    }
+    dst.set_len(size)
+}
+
+fn copy_range(src: &File, dst: &File, start: u64, len: u64) -> io::Result<()> {
+    let mut done = 0u64;
+    while done < len {
+        let mut off_in = (start + done) as i64;
+        let mut off_out = off_in;
+        let chunk = (len - done).min(1 << 30) as usize;
+        match nix::fcntl::copy_file_range(src, Some(&mut off_in), dst, Some(&mut off_out), chunk) {
+            Ok(0) => break,
+            Ok(n) => done += n as u64,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(
+                nix::errno::Errno::EXDEV
+                | nix::errno::Errno::ENOSYS
+                | nix::errno::Errno::EINVAL
+                | nix::errno::Errno::EOPNOTSUPP,
+            ) => {
+                return copy_range_by_hand(src, dst, start + done, len - done);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+fn copy_range_by_hand(src: &File, dst: &File, start: u64, len: u64) -> io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    while done < len {
+        let want = (len - done).min(buf.len() as u64) as usize;
+        let n = src.read_at(&mut buf[..want], start + done)?;
+        if n == 0 {
+            break;
+        }
+        dst.write_all_at(&buf[..n], start + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}

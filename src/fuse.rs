@@ -1,0 +1,588 @@
+//! The thin adapter between fuser's requests and the core: decode the request, call one
+//! `Overlay` method, turn its `io::Error` into the reply's errno. Each request is logged at
+//! debug level with its operation, node and outcome; nothing here knows overlay semantics.
+
+use std::ffi::OsStr;
+use std::io;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
+    Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use tracing::{debug, warn};
+
+use crate::attr::{Attr, Caller};
+use crate::overlay::Overlay;
+use crate::write::{SetAttr, TimeSet};
+
+/// Serves one `Overlay` to the kernel.
+#[derive(Debug)]
+pub struct FuseAdapter {
+    overlay: Overlay,
+    /// How long the kernel may cache names and attributes: we are the only writer of the
+    /// merged view, so long timeouts are safe.
+    ttl: Duration,
+}
+
+impl FuseAdapter {
+    pub fn new(overlay: Overlay, ttl: Duration) -> FuseAdapter {
+        FuseAdapter { overlay, ttl }
+    }
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+        pid: req.pid(),
+        groups: Vec::new(),
+    }
+}
+
+/// The errno the caller gets; anything without one (a bug on our side) becomes EIO, logged.
+fn to_errno(op: &str, e: &io::Error) -> Errno {
+    match e.raw_os_error() {
+        Some(code) => Errno::from_i32(code),
+        None => {
+            warn!(op, error = %e, "error without errno, returning EIO");
+            Errno::EIO
+        }
+    }
+}
+
+fn log_result<T>(op: &'static str, ino: u64, res: &io::Result<T>) {
+    if let Err(e) = res {
+        debug!(op, ino, err = %e, "failed");
+    } else {
+        debug!(op, ino, "ok");
+    }
+}
+
+fn system_time((secs, nsecs): (i64, i64)) -> SystemTime {
+    let nsecs = nsecs.clamp(0, 999_999_999) as u32;
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::new(secs as u64, nsecs)
+    } else {
+        UNIX_EPOCH - Duration::new(secs.unsigned_abs(), 0) + Duration::new(0, nsecs)
+    }
+}
+
+fn file_type(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.blocks,
+        atime: system_time(a.atime),
+        mtime: system_time(a.mtime),
+        ctime: system_time(a.ctime),
+        crtime: UNIX_EPOCH,
+        kind: file_type(a.mode),
+        perm: (a.mode & 0o7777) as u16,
+        nlink: a.nlink.min(u64::from(u32::MAX)) as u32,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev as u32,
+        blksize: a.blksize as u32,
+        flags: 0,
+    }
+}
+
+fn time_set(t: Option<TimeOrNow>) -> TimeSet {
+    match t {
+        None => TimeSet::Omit,
+        Some(TimeOrNow::Now) => TimeSet::Now,
+        Some(TimeOrNow::SpecificTime(t)) => TimeSet::At(t),
+    }
+}
+
+impl FuseAdapter {
+    fn reply_entry(&self, op: &'static str, ino: u64, res: io::Result<Attr>, reply: ReplyEntry) {
+        log_result(op, ino, &res);
+        match res {
+            Ok(attr) => reply.entry(&self.ttl, &file_attr(&attr), Generation(0)),
+            Err(e) => reply.error(to_errno(op, &e)),
+        }
+    }
+
+    fn reply_empty(op: &'static str, ino: u64, res: io::Result<()>, reply: ReplyEmpty) {
+        log_result(op, ino, &res);
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(to_errno(op, &e)),
+        }
+    }
+}
+
+fn reply_xattr(op: &'static str, ino: u64, res: io::Result<Vec<u8>>, size: u32, reply: ReplyXattr) {
+    log_result(op, ino, &res);
+    match res {
+        Ok(data) if size == 0 => reply.size(data.len() as u32),
+        Ok(data) if data.len() > size as usize => reply.error(Errno::ERANGE),
+        Ok(data) => reply.data(&data),
+        Err(e) => reply.error(to_errno(op, &e)),
+    }
+}
+
+impl Filesystem for FuseAdapter {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        // Bigger writes mean fewer round trips; the kernel caps the value to what it supports.
+        let _ = config.set_max_write(1 << 20);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let res = self.overlay.lookup(parent.0, name);
+        self.reply_entry("lookup", parent.0, res, reply);
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.overlay.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let res = self.overlay.getattr(ino.0, fh.map(|f| f.0));
+        log_result("getattr", ino.0, &res);
+        match res {
+            Ok(attr) => reply.attr(&self.ttl, &file_attr(&attr)),
+            Err(e) => reply.error(to_errno("getattr", &e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: time_set(atime),
+            mtime: time_set(mtime),
+        };
+        let res = self
+            .overlay
+            .setattr(ino.0, fh.map(|f| f.0), &set, &caller(req));
+        log_result("setattr", ino.0, &res);
+        match res {
+            Ok(attr) => reply.attr(&self.ttl, &file_attr(&attr)),
+            Err(e) => reply.error(to_errno("setattr", &e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let res = self.overlay.readlink(ino.0);
+        log_result("readlink", ino.0, &res);
+        match res {
+            Ok(target) => reply.data(&target),
+            Err(e) => reply.error(to_errno("readlink", &e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let res = self
+            .overlay
+            .mknod(parent.0, name, mode, umask, u64::from(rdev), &caller(req));
+        self.reply_entry("mknod", parent.0, res, reply);
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let res = self
+            .overlay
+            .mkdir(parent.0, name, mode, umask, &caller(req));
+        self.reply_entry("mkdir", parent.0, res, reply);
+    }
+
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let res = self.overlay.unlink(parent.0, name, &caller(req));
+        Self::reply_empty("unlink", parent.0, res, reply);
+    }
+
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let res = self.overlay.rmdir(parent.0, name, &caller(req));
+        Self::reply_empty("rmdir", parent.0, res, reply);
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let res = self
+            .overlay
+            .symlink(parent.0, link_name, target.as_os_str(), &caller(req));
+        self.reply_entry("symlink", parent.0, res, reply);
+    }
+
+    fn rename(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let res = self.overlay.rename(
+            parent.0,
+            name,
+            newparent.0,
+            newname,
+            flags.bits(),
+            &caller(req),
+        );
+        Self::reply_empty("rename", parent.0, res, reply);
+    }
+
+    fn link(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let res = self.overlay.link(ino.0, newparent.0, newname, &caller(req));
+        self.reply_entry("link", ino.0, res, reply);
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let res = self.overlay.open(ino.0, flags.0, &caller(req));
+        log_result("open", ino.0, &res);
+        match res {
+            Ok((fh, lower)) => {
+                // A lower file cannot change under us: its page cache stays valid across opens.
+                let flags = if lower {
+                    FopenFlags::FOPEN_KEEP_CACHE
+                } else {
+                    FopenFlags::empty()
+                };
+                reply.opened(FileHandle(fh), flags)
+            }
+            Err(e) => reply.error(to_errno("open", &e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let res = self.overlay.read(ino.0, fh.0, offset, size);
+        match res {
+            Ok(data) => reply.data(&data),
+            Err(e) => {
+                debug!(op = "read", ino = ino.0, err = %e, "failed");
+                reply.error(to_errno("read", &e))
+            }
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.overlay.write(ino.0, fh.0, offset, data) {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => {
+                debug!(op = "write", ino = ino.0, err = %e, "failed");
+                reply.error(to_errno("write", &e))
+            }
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        let res = self.overlay.flush(ino.0, fh.0);
+        Self::reply_empty("flush", ino.0, res, reply);
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let res = self.overlay.release(ino.0, fh.0);
+        Self::reply_empty("release", ino.0, res, reply);
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let res = self.overlay.fsync(ino.0, fh.0, datasync);
+        Self::reply_empty("fsync", ino.0, res, reply);
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let res = self.overlay.opendir(ino.0);
+        log_result("opendir", ino.0, &res);
+        match res {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(to_errno("opendir", &e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let res = self.overlay.readdir(ino.0, fh.0);
+        log_result("readdir", ino.0, &res);
+        match res {
+            Ok(entries) => {
+                for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+                    // The offset of an entry is where the next read resumes.
+                    if reply.add(
+                        INodeNo(e.ino),
+                        (i + 1) as u64,
+                        file_type(e.file_type),
+                        &e.name,
+                    ) {
+                        break;
+                    }
+                }
+                reply.ok()
+            }
+            Err(e) => reply.error(to_errno("readdir", &e)),
+        }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        let res = self.overlay.releasedir(ino.0, fh.0);
+        Self::reply_empty("releasedir", ino.0, res, reply);
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let res = self.overlay.fsyncdir(ino.0, datasync);
+        Self::reply_empty("fsyncdir", ino.0, res, reply);
+    }
+
+    fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        let res = self.overlay.statfs();
+        log_result("statfs", ino.0, &res);
+        match res {
+            Ok(s) => reply.statfs(
+                s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
+            ),
+            Err(e) => reply.error(to_errno("statfs", &e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let res = self
+            .overlay
+            .setxattr(ino.0, name, value, flags, &caller(req));
+        Self::reply_empty("setxattr", ino.0, res, reply);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let res = self.overlay.getxattr(ino.0, name);
+        reply_xattr("getxattr", ino.0, res, size, reply);
+    }
+
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let res = self.overlay.listxattr(ino.0, &caller(req));
+        reply_xattr("listxattr", ino.0, res, size, reply);
+    }
+
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let res = self.overlay.removexattr(ino.0, name, &caller(req));
+        Self::reply_empty("removexattr", ino.0, res, reply);
+    }
+
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let who = Caller::with_groups(req.uid(), req.gid(), req.pid());
+        let res = self.overlay.access(ino.0, mask.bits(), &who);
+        Self::reply_empty("access", ino.0, res, reply);
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let res = self
+            .overlay
+            .create(parent.0, name, mode, umask, flags, &caller(req));
+        log_result("create", parent.0, &res);
+        match res {
+            Ok((attr, fh)) => reply.created(
+                &self.ttl,
+                &file_attr(&attr),
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::empty(),
+            ),
+            Err(e) => reply.error(to_errno("create", &e)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let res = self.overlay.fallocate(ino.0, fh.0, offset, length, mode);
+        Self::reply_empty("fallocate", ino.0, res, reply);
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let res = self.overlay.lseek(ino.0, fh.0, offset, whence);
+        log_result("lseek", ino.0, &res);
+        match res {
+            Ok(off) => reply.offset(off),
+            Err(e) => reply.error(to_errno("lseek", &e)),
+        }
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        let res = self.overlay.copy_file_range(
+            (ino_in.0, fh_in.0, offset_in),
+            (ino_out.0, fh_out.0, offset_out),
+            len,
+        );
+        log_result("copy_file_range", ino_in.0, &res);
+        match res {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(to_errno("copy_file_range", &e)),
+        }
+    }
+}

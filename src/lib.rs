@@ -1,0 +1,24 @@
+//! rsfs-overlay: an overlay (union) filesystem with the kernel overlayfs's semantics, served
+//! through FUSE. The core (`overlay`, with `write` and `copyup`) knows nothing of FUSE;
+//! `fuse` adapts it to the protocol; `cli`, `config` and `preflight` turn a command line into
+//! a checked configuration; `daemon` mounts and serves it.
+
+pub mod attr;
+pub mod cli;
+pub mod config;
+pub mod copyup;
+pub mod daemon;
+pub mod demo;
+pub mod format;
+pub mod fuse;
+pub mod handles;
+pub mod layer;
+pub mod lookup;
+pub mod node;
+pub mod overlay;
+pub mod preflight;
+pub mod readdir;
+pub mod stack;
+pub mod sys;
+pub mod workdir;
+pub mod write;

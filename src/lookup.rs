@@ -1,0 +1,154 @@
+//! Top-down resolution of one name in a merged directory, with the kernel's rules: a whiteout
+//! ends the search, a non-directory found first wins, directories merge until one is opaque or
+//! a deeper layer holds a non-directory under that name.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+
+use nix::sys::stat::FileStat;
+
+use crate::format::{self, DirMarks, Origin};
+use crate::layer::{self, LayerId, XattrTarget};
+use crate::node::{Backing, DirLayer, fd_of};
+use crate::stack::Stack;
+
+/// What a name resolves to.
+#[derive(Debug)]
+pub struct Resolved {
+    pub backing: Backing,
+    /// `lstat` of the top-most copy.
+    pub stat: FileStat,
+    /// The layer of the top-most copy.
+    pub top: LayerId,
+    /// The origin record of an upper copy: the lower object it was copied up from.
+    pub origin: Option<Origin>,
+}
+
+impl Resolved {
+    /// True for a directory made of more than one layer's copy (the kernel reports nlink 1).
+    pub fn is_merged_dir(&self) -> bool {
+        matches!(&self.backing, Backing::Dir(layers) if layers.len() > 1)
+    }
+}
+
+/// Resolves `name` in the directory whose layer copies are `parent` (top-down). `Ok(None)`
+/// when the name does not exist in the merged view (absent everywhere or whited out).
+pub fn resolve(stack: &Stack, parent: &[DirLayer], name: &OsStr) -> io::Result<Option<Resolved>> {
+    let mut dirs: Vec<DirLayer> = Vec::new();
+    let mut top: Option<(FileStat, LayerId)> = None;
+    let mut origin = None;
+    for dl in parent {
+        let is_lower = !stack.is_upper(dl.layer);
+        // OCI markers are metadata of lower layers, never entries of the merged view.
+        if is_lower && format::is_oci_marker(name.as_bytes()) {
+            continue;
+        }
+        let st = match layer::stat_at(fd_of(&dl.fd), name) {
+            Ok(st) => st,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                if is_lower && has_oci_whiteout(dl, name)? {
+                    break;
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if is_whiteout(stack, dl, name, &st) {
+            break;
+        }
+        if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+            if top.is_some() {
+                // A non-directory below a directory is hidden by it and ends the merge.
+                break;
+            }
+            let origin = if is_lower {
+                None
+            } else {
+                read_origin(stack, XattrTarget::Entry(fd_of(&dl.fd), name))
+            };
+            return Ok(Some(Resolved {
+                backing: Backing::NonDir { layer: dl.layer },
+                stat: st,
+                top: dl.layer,
+                origin,
+            }));
+        }
+        let fd = layer::open_dir_at(fd_of(&dl.fd), name)?;
+        let marks = read_dir_marks(stack, is_lower, &fd);
+        if top.is_none() && !is_lower {
+            origin = read_origin(stack, XattrTarget::Dir(layer::borrow(&fd)));
+        }
+        dirs.push(DirLayer {
+            layer: dl.layer,
+            fd: Arc::new(fd),
+            marks,
+        });
+        if top.is_none() {
+            top = Some((st, dl.layer));
+        }
+        if marks.opaque {
+            break;
+        }
+    }
+    Ok(top.map(|(stat, top)| Resolved {
+        backing: Backing::Dir(dirs),
+        stat,
+        top,
+        origin,
+    }))
+}
+
+/// The opaque and xattr-whiteout marks of one layer's copy of a directory, including the OCI
+/// opaque marker in lower layers.
+pub fn read_dir_marks(stack: &Stack, is_lower: bool, fd: &std::os::fd::OwnedFd) -> DirMarks {
+    let mut marks = format::dir_marks(stack.names, XattrTarget::Dir(layer::borrow(fd)));
+    if is_lower
+        && !marks.opaque
+        && layer::stat_at(
+            layer::borrow(fd),
+            OsStr::from_bytes(format::OCI_OPAQUE_MARKER),
+        )
+        .is_ok()
+    {
+        marks.opaque = true;
+    }
+    marks
+}
+
+fn has_oci_whiteout(dl: &DirLayer, name: &OsStr) -> io::Result<bool> {
+    let wh = format::oci_whiteout_name(name);
+    match layer::stat_at(fd_of(&dl.fd), OsStr::from_bytes(&wh)) {
+        Ok(_) => Ok(true),
+        // A name too long to carry the prefix cannot have been whited out this way.
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOENT) | Some(libc::ENAMETOOLONG)
+            ) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// True when the entry `name` (with `lstat` result `st`) in one layer's copy of a directory
+/// is a whiteout in any of the kernel's formats.
+pub fn is_whiteout(stack: &Stack, dl: &DirLayer, name: &OsStr, st: &FileStat) -> bool {
+    format::is_char_whiteout(st)
+        || format::is_xattr_whiteout(
+            stack.names,
+            st,
+            dl.marks,
+            XattrTarget::Entry(fd_of(&dl.fd), name),
+        )
+}
+
+fn read_origin(stack: &Stack, target: XattrTarget<'_>) -> Option<Origin> {
+    match target.get_opt(&stack.names.name("origin")) {
+        Ok(Some(v)) => Origin::decode(&v),
+        _ => None,
+    }
+}

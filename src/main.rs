@@ -1,0 +1,128 @@
+//! The `rsfs-overlay` command: parse the command line, check the set-up, open the layers,
+//! mount, daemonize and serve. Every start-up failure is one line on stderr and a non-zero
+//! exit, before anything is mounted.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tracing::warn;
+
+use rsfs_overlay::cli::{self, CliError, Command};
+use rsfs_overlay::config::Config;
+use rsfs_overlay::daemon::{self, StartupPipe};
+use rsfs_overlay::format::XattrNames;
+use rsfs_overlay::fuse::FuseAdapter;
+use rsfs_overlay::overlay::{Overlay, OverlayOptions};
+use rsfs_overlay::stack::Stack;
+use rsfs_overlay::workdir::WorkDir;
+use rsfs_overlay::{demo, preflight, sys};
+
+fn main() -> ExitCode {
+    let is_root = nix::unistd::geteuid().is_root();
+    let command = match cli::parse_cli(std::env::args_os(), is_root) {
+        Ok(c) => c,
+        Err(CliError::Clap(e)) => e.exit(),
+        Err(CliError::Config(e)) => return fail(&anyhow::anyhow!(e)),
+    };
+    let result = match command {
+        Command::Demo => demo::run().context("demo failed"),
+        Command::Mount(cfg) => mount_and_serve(cfg),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(e: &anyhow::Error) -> ExitCode {
+    eprintln!("rsfs-overlay: {e:#}");
+    ExitCode::FAILURE
+}
+
+fn init_logging(cfg: &Config) {
+    let default = if cfg.debug { "debug" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Everything that can fail for a reason the user must fix happens here, before the fork.
+fn open_overlay(cfg: &Config) -> anyhow::Result<Overlay> {
+    let work = match (&cfg.upperdir, &cfg.workdir) {
+        (Some(upper), Some(workdir)) => Some(WorkDir::prepare(upper, workdir)?),
+        _ => None,
+    };
+    let names = XattrNames {
+        userxattr: cfg.userxattr,
+    };
+    let stack = Stack::open(cfg.upperdir.as_deref(), &cfg.lowerdirs, work, names)
+        .context("cannot open the layers")?;
+    let opts = OverlayOptions {
+        read_only: cfg.read_only || cfg.upperdir.is_none(),
+    };
+    Overlay::new(stack, opts).context("cannot open the layers")
+}
+
+fn mount_and_serve(mut cfg: Config) -> anyhow::Result<()> {
+    let cwd = std::env::current_dir().context("cannot read the current directory")?;
+    cfg.make_absolute(&cwd);
+    if cfg.upperdir.is_none() {
+        cfg.read_only = true;
+    }
+    preflight::check(&cfg)?;
+    init_logging(&cfg);
+    for w in &cfg.warnings {
+        warn!("{w}");
+    }
+    // Modes of new objects are exactly what callers ask for; the kernel applied their umask.
+    nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+    if let Err(e) = sys::raise_nofile_limit() {
+        warn!(error = %e, "cannot raise the open file limit");
+    }
+    let overlay = open_overlay(&cfg)?;
+    let ttl = cfg
+        .timeout
+        .map_or(daemon::DEFAULT_TIMEOUT, Duration::from_secs_f64);
+    let adapter = FuseAdapter::new(overlay, ttl);
+
+    let mut report_to = None;
+    if !cfg.foreground {
+        let pipe = StartupPipe::new().context("cannot create a pipe")?;
+        match sys::fork().context("cannot fork the daemon")? {
+            Some(_child) => {
+                return match pipe.wait() {
+                    Ok(()) => Ok(()),
+                    Err(msg) => bail!(msg),
+                };
+            }
+            None => report_to = Some(pipe.into_writer()),
+        }
+    }
+    let dev = match daemon::mount_fuse(&cfg) {
+        Ok(dev) => dev,
+        Err(e) => {
+            let msg = format!("cannot mount on '{}': {e}", cfg.mountpoint.display());
+            daemon::report(&mut report_to, Err(msg.clone()));
+            bail!(msg);
+        }
+    };
+    let detach = !cfg.foreground;
+    let served = daemon::serve(adapter, dev, &cfg, || {
+        daemon::report(&mut report_to, Ok(()));
+        if detach && let Err(e) = daemon::detach_stdio() {
+            warn!(error = %e, "cannot detach from the terminal");
+        }
+    });
+    if let Err(e) = served {
+        let msg = format!("serving '{}' failed: {e}", cfg.mountpoint.display());
+        daemon::report(&mut report_to, Err(msg.clone()));
+        let _ = daemon::unmount(&cfg.mountpoint);
+        bail!(msg);
+    }
+    Ok(())
+}

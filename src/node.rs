@@ -1,0 +1,206 @@
+//! The inode table: one `Node` per merged object the kernel knows, keyed by the inode number we
+//! report (fuser uses it as the FUSE node id too), kept alive by the kernel's lookup count and
+//! dropped only by forget. Directories hold an fd per layer in which they exist; other objects
+//! hold no fd and are reached as (parent directory fd in their layer, name), so the fd count
+//! follows cached directories, not files.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use crate::format::DirMarks;
+use crate::layer::LayerId;
+
+/// The inode number we report for an object, which is also its FUSE node id.
+pub type Ino = u64;
+/// FUSE's fixed node id of the mount's root.
+pub const ROOT_INO: Ino = 1;
+
+/// One layer's copy of a merged directory.
+#[derive(Debug, Clone)]
+pub struct DirLayer {
+    pub layer: LayerId,
+    pub fd: Arc<OwnedFd>,
+    pub marks: DirMarks,
+}
+
+/// Where an object's content lives.
+#[derive(Debug, Clone)]
+pub enum Backing {
+    /// A directory: its copy in each layer that contributes to the merge, top-down (the upper
+    /// first when it has one). The list ends at the first opaque copy.
+    Dir(Vec<DirLayer>),
+    /// Anything else: the top-most layer that holds it.
+    NonDir { layer: LayerId },
+}
+
+/// One name under which the kernel looked the object up.
+#[derive(Debug, Clone)]
+pub struct Alias {
+    pub parent: Arc<Node>,
+    pub name: OsString,
+}
+
+#[derive(Debug)]
+pub struct NodeState {
+    pub backing: Backing,
+    /// Names the object is known by (several for hard links); the first one is used to reach
+    /// a non-directory. Empty for the root.
+    pub aliases: Vec<Alias>,
+    /// `S_IFMT` bits of the object.
+    pub file_type: u32,
+}
+
+#[derive(Debug)]
+pub struct Node {
+    pub ino: Ino,
+    lookups: AtomicU64,
+    state: RwLock<NodeState>,
+    /// Serializes copy-up of this object; copy-ups of other objects proceed in parallel.
+    pub copy_up_lock: Mutex<()>,
+}
+
+impl Node {
+    pub fn new(ino: Ino, state: NodeState) -> Node {
+        Node {
+            ino,
+            lookups: AtomicU64::new(0),
+            state: RwLock::new(state),
+            copy_up_lock: Mutex::new(()),
+        }
+    }
+
+    pub fn state(&self) -> RwLockReadGuard<'_, NodeState> {
+        self.state.read()
+    }
+
+    pub fn state_mut(&self) -> RwLockWriteGuard<'_, NodeState> {
+        self.state.write()
+    }
+
+    pub fn is_dir(&self) -> bool {
+        matches!(self.state().backing, Backing::Dir(_))
+    }
+
+    /// This directory's fd in `layer`, if it exists there.
+    pub fn dir_fd(&self, layer: LayerId) -> Option<Arc<OwnedFd>> {
+        match &self.state().backing {
+            Backing::Dir(layers) => layers
+                .iter()
+                .find(|d| d.layer == layer)
+                .map(|d| d.fd.clone()),
+            Backing::NonDir { .. } => None,
+        }
+    }
+}
+
+impl NodeState {
+    /// The top-most layer that holds the object.
+    pub fn top_layer(&self) -> Option<LayerId> {
+        match &self.backing {
+            Backing::Dir(layers) => layers.first().map(|d| d.layer),
+            Backing::NonDir { layer } => Some(*layer),
+        }
+    }
+
+    pub fn primary_alias(&self) -> Option<&Alias> {
+        self.aliases.first()
+    }
+
+    pub fn add_alias(&mut self, parent: &Arc<Node>, name: &OsStr) {
+        let known = self
+            .aliases
+            .iter()
+            .any(|a| a.parent.ino == parent.ino && a.name == name);
+        if !known {
+            self.aliases.push(Alias {
+                parent: parent.clone(),
+                name: name.to_os_string(),
+            });
+        }
+    }
+
+    pub fn remove_alias(&mut self, parent: Ino, name: &OsStr) {
+        self.aliases
+            .retain(|a| !(a.parent.ino == parent && a.name == name));
+    }
+}
+
+/// Borrow an fd held in an `Arc` for the duration of a call.
+pub fn fd_of(fd: &Arc<OwnedFd>) -> BorrowedFd<'_> {
+    fd.as_fd()
+}
+
+/// The live nodes. A lookup inserts or reuses a node and counts one reference; forget drops
+/// references and removes the node at zero. The lock is never held across a syscall.
+#[derive(Debug, Default)]
+pub struct NodeTable {
+    nodes: RwLock<HashMap<Ino, Arc<Node>>>,
+}
+
+impl NodeTable {
+    pub fn get(&self, ino: Ino) -> Option<Arc<Node>> {
+        self.nodes.read().get(&ino).cloned()
+    }
+
+    /// Inserts a root that is never forgotten.
+    pub fn insert_root(&self, node: Node) -> Arc<Node> {
+        let node = Arc::new(node);
+        node.lookups.store(1, Ordering::Relaxed);
+        self.nodes.write().insert(node.ino, node.clone());
+        node
+    }
+
+    /// Returns the live node for `ino`, refreshed with `fresh`'s backing and alias, or inserts
+    /// `fresh`; either way counts one kernel reference.
+    pub fn remember(&self, fresh: Node, parent: &Arc<Node>, name: &OsStr) -> Arc<Node> {
+        let mut nodes = self.nodes.write();
+        let node = match nodes.get(&fresh.ino) {
+            Some(existing) => {
+                let fresh_state = fresh.state.into_inner();
+                let mut st = existing.state.write();
+                st.backing = fresh_state.backing;
+                st.file_type = fresh_state.file_type;
+                st.add_alias(parent, name);
+                existing.clone()
+            }
+            None => {
+                fresh.state.write().add_alias(parent, name);
+                let node = Arc::new(fresh);
+                nodes.insert(node.ino, node.clone());
+                node
+            }
+        };
+        node.lookups.fetch_add(1, Ordering::Relaxed);
+        node
+    }
+
+    /// Drops `count` kernel references; the node leaves the table at zero (the root never).
+    pub fn forget(&self, ino: Ino, count: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        let mut nodes = self.nodes.write();
+        if let Some(node) = nodes.get(&ino) {
+            // The table's write lock orders this against `remember`, so load-then-store is exact.
+            let prev = node.lookups.load(Ordering::Relaxed);
+            node.lookups
+                .store(prev.saturating_sub(count), Ordering::Relaxed);
+            if prev <= count {
+                nodes.remove(&ino);
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.read().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

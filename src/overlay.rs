@@ -1,0 +1,341 @@
+//! The core: one method per filesystem operation, in terms of inode numbers, names and plain
+//! Rust types, with no FUSE types. Errors are `io::Error`s carrying the errno the caller gets.
+//! Read operations live here; operations that change the merged view are in `write.rs`.
+
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use nix::fcntl::OFlag;
+use nix::sys::stat::FileStat;
+
+use crate::attr::{Attr, Caller, Statfs};
+use crate::handles::{Handle, Handles};
+use crate::layer::{self, LayerId, XattrTarget};
+use crate::lookup::{self, Resolved};
+use crate::node::{Backing, DirLayer, Ino, Node, NodeState, NodeTable, ROOT_INO, fd_of};
+use crate::readdir::{self, DirEntry};
+use crate::stack::Stack;
+
+pub(crate) fn errno(code: i32) -> io::Error {
+    io::Error::from_raw_os_error(code)
+}
+
+/// Options of the core that are not about the layers themselves.
+#[derive(Debug, Clone, Default)]
+pub struct OverlayOptions {
+    /// No upper, or mounted `ro`: every change is refused with EROFS.
+    pub read_only: bool,
+}
+
+/// Where a node is reached in its top-most layer.
+pub(crate) enum Location {
+    /// A directory: its open fd.
+    Dir(Arc<OwnedFd>),
+    /// Anything else: its parent directory's fd in the same layer, and its name there.
+    Entry(Arc<OwnedFd>, OsString),
+}
+
+impl Location {
+    pub(crate) fn xattr_target(&self) -> XattrTarget<'_> {
+        match self {
+            Location::Dir(fd) => XattrTarget::Dir(fd_of(fd)),
+            Location::Entry(dir, name) => XattrTarget::Entry(fd_of(dir), name),
+        }
+    }
+
+    pub(crate) fn stat(&self) -> io::Result<FileStat> {
+        match self {
+            Location::Dir(fd) => layer::stat_fd(fd_of(fd)),
+            Location::Entry(dir, name) => layer::stat_at(fd_of(dir), name),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Overlay {
+    pub(crate) stack: Stack,
+    pub(crate) nodes: NodeTable,
+    pub(crate) handles: Handles,
+    pub(crate) opts: OverlayOptions,
+}
+
+impl Overlay {
+    pub fn new(stack: Stack, opts: OverlayOptions) -> io::Result<Overlay> {
+        let mut roots = Vec::with_capacity(stack.layers.len());
+        for l in &stack.layers {
+            let fd = l.root.try_clone()?;
+            let marks = lookup::read_dir_marks(&stack, !l.is_upper, &fd);
+            roots.push(DirLayer {
+                layer: l.id,
+                fd: Arc::new(fd),
+                marks,
+            });
+        }
+        let nodes = NodeTable::default();
+        nodes.insert_root(Node::new(
+            ROOT_INO,
+            NodeState {
+                backing: Backing::Dir(roots),
+                aliases: Vec::new(),
+                file_type: libc::S_IFDIR,
+            },
+        ));
+        Ok(Overlay {
+            stack,
+            nodes,
+            handles: Handles::default(),
+            opts,
+        })
+    }
+
+    pub fn stack(&self) -> &Stack {
+        &self.stack
+    }
+
+    pub(crate) fn node(&self, ino: Ino) -> io::Result<Arc<Node>> {
+        // A node the kernel still refers to but we no longer know is stale, as after a forget.
+        self.nodes.get(ino).ok_or_else(|| errno(libc::ESTALE))
+    }
+
+    pub(crate) fn dir_layers(node: &Node) -> io::Result<Vec<DirLayer>> {
+        match &node.state().backing {
+            Backing::Dir(layers) => Ok(layers.clone()),
+            Backing::NonDir { .. } => Err(errno(libc::ENOTDIR)),
+        }
+    }
+
+    /// Where `node` is reached in its top-most layer.
+    pub(crate) fn locate(&self, node: &Node) -> io::Result<(Location, LayerId)> {
+        let st = node.state();
+        match &st.backing {
+            Backing::Dir(layers) => {
+                let top = layers.first().ok_or_else(|| errno(libc::ESTALE))?;
+                Ok((Location::Dir(top.fd.clone()), top.layer))
+            }
+            Backing::NonDir { layer } => {
+                let alias = st.primary_alias().ok_or_else(|| errno(libc::ESTALE))?;
+                let dir = alias
+                    .parent
+                    .dir_fd(*layer)
+                    .ok_or_else(|| errno(libc::ESTALE))?;
+                Ok((Location::Entry(dir, alias.name.clone()), *layer))
+            }
+        }
+    }
+
+    /// The attributes reported for `node` given the `lstat` of its top-most copy.
+    pub(crate) fn attr_of(&self, node: &Node, st: &FileStat) -> Attr {
+        let merged = matches!(&node.state().backing, Backing::Dir(l) if l.len() > 1);
+        Attr::from_stat(st, node.ino, merged)
+    }
+
+    /// The inode number reported for a resolved object: a copied-up object keeps its lower
+    /// origin's number (as the kernel: unless the origin is a hard link, whose names may have
+    /// been copied up to different files), so `st_ino` survives copy-up and remount.
+    pub(crate) fn ino_of(&self, r: &Resolved) -> Ino {
+        if let Some(origin) = &r.origin
+            && let Some((layer, st)) = self.stack.find_origin(origin)
+            && st.st_mode & libc::S_IFMT == r.stat.st_mode & libc::S_IFMT
+            && (st.st_mode & libc::S_IFMT == libc::S_IFDIR || st.st_nlink == 1)
+        {
+            return self.stack.reported_ino(layer, st.st_ino);
+        }
+        self.stack.reported_ino(r.top, r.stat.st_ino)
+    }
+
+    /// Registers what `name` in `parent` resolved to, counting one kernel reference.
+    pub(crate) fn remember(&self, parent: &Arc<Node>, name: &OsStr, r: Resolved) -> Attr {
+        let ino = self.ino_of(&r);
+        let attr = Attr::from_stat(&r.stat, ino, r.is_merged_dir());
+        let node = Node::new(
+            ino,
+            NodeState {
+                backing: r.backing,
+                aliases: Vec::new(),
+                file_type: r.stat.st_mode & libc::S_IFMT,
+            },
+        );
+        self.nodes.remember(node, parent, name);
+        attr
+    }
+
+    pub fn lookup(&self, parent: Ino, name: &OsStr) -> io::Result<Attr> {
+        let parent = self.node(parent)?;
+        let layers = Self::dir_layers(&parent)?;
+        let resolved =
+            lookup::resolve(&self.stack, &layers, name)?.ok_or_else(|| errno(libc::ENOENT))?;
+        Ok(self.remember(&parent, name, resolved))
+    }
+
+    pub fn forget(&self, ino: Ino, count: u64) {
+        self.nodes.forget(ino, count);
+    }
+
+    pub fn getattr(&self, ino: Ino, fh: Option<u64>) -> io::Result<Attr> {
+        let node = self.node(ino)?;
+        if let Some(fh) = fh
+            && let Ok(handle) = self.handles.get(ino, fh)
+            && let Handle::File { file, .. } = &*handle
+        {
+            let st = nix::sys::stat::fstat(file)?;
+            return Ok(self.attr_of(&node, &st));
+        }
+        let (loc, _) = self.locate(&node)?;
+        let st = loc.stat()?;
+        Ok(self.attr_of(&node, &st))
+    }
+
+    pub fn readlink(&self, ino: Ino) -> io::Result<Vec<u8>> {
+        let node = self.node(ino)?;
+        match self.locate(&node)? {
+            (Location::Entry(dir, name), _) => layer::readlink_at(fd_of(&dir), &name),
+            (Location::Dir(_), _) => Err(errno(libc::EINVAL)),
+        }
+    }
+
+    /// Opens `ino`; a read-only open never copies up. Returns the handle id and whether the
+    /// file lives in a lower layer (its cache may then be kept across opens).
+    pub fn open(&self, ino: Ino, flags: i32, caller: &Caller) -> io::Result<(u64, bool)> {
+        let node = self.node(ino)?;
+        if node.is_dir() {
+            return Err(errno(libc::EISDIR));
+        }
+        if wants_write(flags) {
+            return self.open_for_write(&node, flags, caller);
+        }
+        let (loc, layer) = self.locate(&node)?;
+        let Location::Entry(dir, name) = loc else {
+            return Err(errno(libc::EISDIR));
+        };
+        let fd = layer::open_at(fd_of(&dir), &name, open_passthrough_flags(flags), 0)?;
+        let in_upper = self.stack.is_upper(layer);
+        let fh = self.handles.insert(Handle::File {
+            ino,
+            file: File::from(fd),
+            in_upper,
+        });
+        Ok((fh, !in_upper))
+    }
+
+    pub fn read(&self, ino: Ino, fh: u64, offset: u64, size: u32) -> io::Result<Vec<u8>> {
+        let handle = self.handles.get(ino, fh)?;
+        let Handle::File { file, .. } = &*handle else {
+            return Err(errno(libc::EISDIR));
+        };
+        let mut buf = vec![0u8; size as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            match file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    pub fn release(&self, ino: Ino, fh: u64) -> io::Result<()> {
+        self.handles.remove(ino, fh).map(drop)
+    }
+
+    pub fn opendir(&self, ino: Ino) -> io::Result<u64> {
+        let node = self.node(ino)?;
+        let layers = Self::dir_layers(&node)?;
+        let dotdot = node
+            .state()
+            .primary_alias()
+            .map_or(ROOT_INO, |a| a.parent.ino);
+        let entries = readdir::merged_listing(&self.stack, &layers, ino, dotdot)?;
+        Ok(self.handles.insert(Handle::Dir {
+            ino,
+            entries: Arc::new(entries),
+        }))
+    }
+
+    /// The snapshot taken at `opendir`; the adapter sends it from the requested offset.
+    pub fn readdir(&self, ino: Ino, fh: u64) -> io::Result<Arc<Vec<DirEntry>>> {
+        let handle = self.handles.get(ino, fh)?;
+        match &*handle {
+            Handle::Dir { entries, .. } => Ok(entries.clone()),
+            Handle::File { .. } => Err(errno(libc::ENOTDIR)),
+        }
+    }
+
+    pub fn releasedir(&self, ino: Ino, fh: u64) -> io::Result<()> {
+        self.handles.remove(ino, fh).map(drop)
+    }
+
+    /// The upper's filesystem statistics (the top lower's on a read-only stack), as the kernel.
+    pub fn statfs(&self) -> io::Result<Statfs> {
+        let top = &self.stack.layers[0];
+        let st = nix::sys::statvfs::fstatvfs(&top.root)?;
+        Ok(Statfs::from_statvfs(&st))
+    }
+
+    pub fn getxattr(&self, ino: Ino, name: &OsStr) -> io::Result<Vec<u8>> {
+        use std::os::unix::ffi::OsStrExt;
+        if self.stack.names.is_private(name.as_bytes()) {
+            return Err(errno(libc::ENODATA));
+        }
+        let node = self.node(ino)?;
+        let (loc, _) = self.locate(&node)?;
+        loc.xattr_target().get(name.as_bytes())
+    }
+
+    /// Attribute names, NUL-terminated each, as `listxattr(2)` returns them; the overlay's
+    /// private ones are never listed, nor `trusted.*` to a caller who could not read them.
+    pub fn listxattr(&self, ino: Ino, caller: &Caller) -> io::Result<Vec<u8>> {
+        let node = self.node(ino)?;
+        let (loc, _) = self.locate(&node)?;
+        let names = match loc.xattr_target().list() {
+            Ok(n) => n,
+            Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        let mut out = Vec::new();
+        for n in names {
+            if self.stack.names.is_private(&n) || (caller.uid != 0 && n.starts_with(b"trusted.")) {
+                continue;
+            }
+            out.extend_from_slice(&n);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    /// `access(2)` for callers when the kernel does not check permissions itself.
+    pub fn access(&self, ino: Ino, mask: i32, caller: &Caller) -> io::Result<()> {
+        let attr = self.getattr(ino, None)?;
+        if mask & libc::W_OK != 0 && self.opts.read_only {
+            return Err(errno(libc::EROFS));
+        }
+        if caller.may_access(&attr, mask) {
+            Ok(())
+        } else {
+            Err(errno(libc::EACCES))
+        }
+    }
+}
+
+/// True when an open with `flags` may change the file, which needs it in the upper.
+pub(crate) fn wants_write(flags: i32) -> bool {
+    flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
+}
+
+/// The caller's open flags that we pass on to our own open of the real file.
+pub(crate) fn open_passthrough_flags(flags: i32) -> OFlag {
+    let keep = libc::O_ACCMODE
+        | libc::O_APPEND
+        | libc::O_DIRECT
+        | libc::O_SYNC
+        | libc::O_DSYNC
+        | libc::O_NOATIME
+        | libc::O_TRUNC;
+    OFlag::from_bits_truncate(flags & keep)
+}

@@ -1,0 +1,255 @@
+//! The only unsafe code of the crate: thin wrappers around the syscalls that `nix` and the
+//! standard library leave raw (extended attributes relative to a directory fd, `fork`,
+//! `FICLONE`). Every other module is safe Rust, enforced by the `unsafe_code` lint.
+#![allow(unsafe_code)]
+
+use std::ffi::{CStr, CString, OsStr};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
+
+/// Where the xattr calls of a non-directory go: `/proc/self/fd/<dirfd>/<name>`, used with the
+/// `l*xattr` family so that a symlink's own attributes are read and it is never followed.
+/// The magic link resolves to the directory we hold open, so no path outside the layer is walked.
+pub fn proc_path(dir: BorrowedFd<'_>, name: Option<&OsStr>) -> io::Result<CString> {
+    let mut bytes = format!("/proc/self/fd/{}", dir.as_raw_fd()).into_bytes();
+    if let Some(name) = name {
+        if name.as_bytes().contains(&b'/') {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        bytes.push(b'/');
+        bytes.extend_from_slice(name.as_bytes());
+    }
+    CString::new(bytes).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+fn check_len(ret: libc::ssize_t) -> io::Result<usize> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+fn check_unit(ret: libc::c_int) -> io::Result<()> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// The object an xattr call is about: an open fd (a directory we hold), or a path used with
+/// the `l*` calls so a final symlink is never followed.
+#[derive(Clone, Copy)]
+pub enum XattrAt<'a> {
+    Fd(BorrowedFd<'a>),
+    Path(&'a CStr),
+}
+
+fn xattr_get_raw(at: XattrAt<'_>, name: &CStr, buf: &mut [u8]) -> libc::ssize_t {
+    let (ptr, len) = if buf.is_empty() {
+        (std::ptr::null_mut(), 0)
+    } else {
+        (buf.as_mut_ptr().cast(), buf.len())
+    };
+    match at {
+        // SAFETY: NUL-terminated name; `ptr` is null with len 0 or valid for `len` bytes.
+        XattrAt::Fd(fd) => unsafe { libc::fgetxattr(fd.as_raw_fd(), name.as_ptr(), ptr, len) },
+        // SAFETY: as above, and `path` is NUL-terminated.
+        XattrAt::Path(path) => unsafe { libc::lgetxattr(path.as_ptr(), name.as_ptr(), ptr, len) },
+    }
+}
+
+fn xattr_list_raw(at: XattrAt<'_>, buf: &mut [u8]) -> libc::ssize_t {
+    let (ptr, len) = if buf.is_empty() {
+        (std::ptr::null_mut(), 0)
+    } else {
+        (buf.as_mut_ptr().cast(), buf.len())
+    };
+    match at {
+        // SAFETY: `ptr` is null with len 0 or valid for `len` bytes.
+        XattrAt::Fd(fd) => unsafe { libc::flistxattr(fd.as_raw_fd(), ptr, len) },
+        // SAFETY: as above, and `path` is NUL-terminated.
+        XattrAt::Path(path) => unsafe { libc::llistxattr(path.as_ptr(), ptr, len) },
+    }
+}
+
+/// Asks for the size, then reads; retries when the value grew in between (ERANGE).
+fn read_sized(mut call: impl FnMut(&mut [u8]) -> libc::ssize_t) -> io::Result<Vec<u8>> {
+    loop {
+        let size = check_len(call(&mut []))?;
+        let mut buf = vec![0u8; size];
+        if size == 0 {
+            return Ok(buf);
+        }
+        match check_len(call(&mut buf)) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ERANGE) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Reads one extended attribute.
+pub fn getxattr(at: XattrAt<'_>, name: &CStr) -> io::Result<Vec<u8>> {
+    read_sized(|buf| xattr_get_raw(at, name, buf))
+}
+
+/// Lists the extended attribute names (NUL-separated, as the syscall returns them).
+pub fn listxattr(at: XattrAt<'_>) -> io::Result<Vec<u8>> {
+    read_sized(|buf| xattr_list_raw(at, buf))
+}
+
+/// Sets one extended attribute.
+pub fn setxattr(at: XattrAt<'_>, name: &CStr, value: &[u8], flags: i32) -> io::Result<()> {
+    let (v, n) = (value.as_ptr().cast(), value.len());
+    check_unit(match at {
+        // SAFETY: NUL-terminated name; `value` is valid for `n` bytes.
+        XattrAt::Fd(fd) => unsafe { libc::fsetxattr(fd.as_raw_fd(), name.as_ptr(), v, n, flags) },
+        // SAFETY: as above, and `path` is NUL-terminated.
+        XattrAt::Path(p) => unsafe { libc::lsetxattr(p.as_ptr(), name.as_ptr(), v, n, flags) },
+    })
+}
+
+/// Removes one extended attribute.
+pub fn removexattr(at: XattrAt<'_>, name: &CStr) -> io::Result<()> {
+    check_unit(match at {
+        // SAFETY: NUL-terminated name.
+        XattrAt::Fd(fd) => unsafe { libc::fremovexattr(fd.as_raw_fd(), name.as_ptr()) },
+        // SAFETY: NUL-terminated path and name.
+        XattrAt::Path(p) => unsafe { libc::lremovexattr(p.as_ptr(), name.as_ptr()) },
+    })
+}
+
+/// Forks the process. Only called at start-up, before any thread exists, so the child may run
+/// arbitrary code.
+pub fn fork() -> io::Result<Option<libc::pid_t>> {
+    // SAFETY: called while the process is single-threaded (start-up, before the session and
+    // the signal thread start), so the child inherits no locks held by other threads.
+    match unsafe { libc::fork() } {
+        -1 => Err(io::Error::last_os_error()),
+        0 => Ok(None),
+        pid => Ok(Some(pid)),
+    }
+}
+
+/// Shares the data blocks of `src` with `dst` (reflink), where the filesystem supports it.
+pub fn ficlone(dst: BorrowedFd<'_>, src: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: FICLONE takes the source fd as its integer argument; both fds are open.
+    check_unit(unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) })
+}
+
+/// Raises the soft limit of open files to the hard limit, as fuse-overlayfs does: every
+/// cached directory holds an fd per layer.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid rlimit to fill.
+    check_unit(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) })?;
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: `lim` is a valid rlimit.
+    check_unit(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) })?;
+    Ok(lim.rlim_cur)
+}
+
+/// The largest file handle the kernel hands out (MAX_HANDLE_SZ).
+const MAX_HANDLE_SZ: usize = 128;
+
+/// A file handle buffer laid out as `struct file_handle`: two 32-bit header words, then the
+/// opaque bytes; held in u32s so the header is aligned.
+fn handle_buffer() -> Vec<u32> {
+    vec![0u32; 2 + MAX_HANDLE_SZ / 4]
+}
+
+/// The file handle of `name` inside `dir` (or of `dir` itself when `name` is `None`), as
+/// `(handle_type, bytes)`; never follows a final symlink.
+pub fn name_to_handle_at(dir: BorrowedFd<'_>, name: Option<&OsStr>) -> io::Result<(i32, Vec<u8>)> {
+    let (path, flags) = match name {
+        Some(n) => (
+            CString::new(n.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,
+            0,
+        ),
+        None => (CString::default(), libc::AT_EMPTY_PATH),
+    };
+    let mut buf = handle_buffer();
+    buf[0] = MAX_HANDLE_SZ as u32;
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: `buf` starts with a file_handle header whose handle_bytes says how many bytes
+    // follow, and is large enough for MAX_HANDLE_SZ bytes after it.
+    check_unit(unsafe {
+        libc::name_to_handle_at(
+            dir.as_raw_fd(),
+            path.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            &mut mount_id,
+            flags,
+        )
+    })?;
+    let len = (buf[0] as usize).min(MAX_HANDLE_SZ);
+    let kind = buf[1] as i32;
+    let bytes: Vec<u8> = buf[2..]
+        .iter()
+        .flat_map(|w| w.to_ne_bytes())
+        .take(len)
+        .collect();
+    Ok((kind, bytes))
+}
+
+/// Opens the object a file handle names, on the filesystem of `mount_fd`, as an `O_PATH` fd.
+/// Needs CAP_DAC_READ_SEARCH.
+pub fn open_by_handle_at(
+    mount_fd: BorrowedFd<'_>,
+    kind: i32,
+    bytes: &[u8],
+) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    if bytes.len() > MAX_HANDLE_SZ {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let mut buf = handle_buffer();
+    buf[0] = bytes.len() as u32;
+    buf[1] = kind as u32;
+    for (i, chunk) in bytes.chunks(4).enumerate() {
+        let mut word = [0u8; 4];
+        word[..chunk.len()].copy_from_slice(chunk);
+        buf[2 + i] = u32::from_ne_bytes(word);
+    }
+    // SAFETY: `buf` is a complete file_handle with `bytes.len()` bytes of handle data.
+    let fd = unsafe {
+        libc::open_by_handle_at(
+            mount_fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            libc::O_PATH | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by the kernel and is owned by no one else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// The UUID of the filesystem holding `fd` (`FS_IOC_GETFSUUID`), `None` where the kernel or
+/// the filesystem does not report one.
+pub fn fs_uuid(fd: BorrowedFd<'_>) -> Option<[u8; 16]> {
+    #[repr(C)]
+    struct FsUuid2 {
+        len: u8,
+        uuid: [u8; 16],
+    }
+    // _IOR(0x15, 0, struct fsuuid2)
+    const FS_IOC_GETFSUUID: libc::c_ulong = 0x8011_1500;
+    let mut out = FsUuid2 {
+        len: 0,
+        uuid: [0; 16],
+    };
+    // SAFETY: the ioctl writes at most sizeof(struct fsuuid2) bytes into `out`.
+    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), FS_IOC_GETFSUUID, &mut out) };
+    (ret == 0 && out.len == 16).then_some(out.uuid)
+}

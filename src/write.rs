@@ -1,0 +1,851 @@
+//! The operations that change the merged view. Every change lands in the upper layer: lower
+//! objects are copied up first, deleted lower names leave a whiteout, a directory created over
+//! a whiteout is opaque. Replacements that must be atomic (a whiteout over an upper object, a
+//! new object over a whiteout) are prepared in the work directory and swapped in with
+//! `RENAME_EXCHANGE`.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use nix::fcntl::{OFlag, RenameFlags};
+use nix::sys::stat::{Mode, SFlag, UtimensatFlags};
+use nix::sys::time::TimeSpec;
+use nix::unistd::{FchownatFlags, Gid, Uid, UnlinkatFlags};
+
+use crate::attr::{Attr, Caller};
+use crate::copyup::{CopyData, UPPER};
+use crate::handles::Handle;
+use crate::layer::{self, XattrTarget};
+use crate::lookup::{self, Resolved};
+use crate::node::{Backing, Ino, Node, fd_of};
+use crate::overlay::{Location, Overlay, errno, open_passthrough_flags};
+use crate::readdir;
+
+/// How setattr changes one timestamp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeSet {
+    Omit,
+    Now,
+    At(SystemTime),
+}
+
+impl TimeSet {
+    fn timespec(self) -> TimeSpec {
+        match self {
+            TimeSet::Omit => TimeSpec::UTIME_OMIT,
+            TimeSet::Now => TimeSpec::UTIME_NOW,
+            TimeSet::At(t) => match t.duration_since(SystemTime::UNIX_EPOCH) {
+                Ok(d) => TimeSpec::from_duration(d),
+                Err(e) => {
+                    let d = e.duration();
+                    TimeSpec::new(-(d.as_secs() as i64), 0)
+                        + TimeSpec::new(0, i64::from(d.subsec_nanos()))
+                }
+            },
+        }
+    }
+}
+
+/// The attribute changes of one setattr request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: TimeSet,
+    pub mtime: TimeSet,
+}
+
+const RENAME_NOREPLACE: u32 = libc::RENAME_NOREPLACE;
+const RENAME_EXCHANGE: u32 = libc::RENAME_EXCHANGE;
+
+impl Overlay {
+    fn resolve_child(&self, parent: &Node, name: &OsStr) -> io::Result<Option<Resolved>> {
+        let layers = Self::dir_layers(parent)?;
+        lookup::resolve(&self.stack, &layers, name)
+    }
+
+    /// True when some lower layer under `parent` shows `name`: removing or moving it away from
+    /// the upper must then leave a whiteout.
+    fn lowers_have(&self, parent: &Node, name: &OsStr) -> io::Result<bool> {
+        let layers: Vec<_> = Self::dir_layers(parent)?
+            .into_iter()
+            .filter(|d| !self.stack.is_upper(d.layer))
+            .collect();
+        Ok(lookup::resolve(&self.stack, &layers, name)?.is_some())
+    }
+
+    /// True when the upper copy of `dir` holds a whiteout (or anything hidden) at `name`.
+    fn upper_has_entry(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<bool> {
+        match layer::stat_at(dir, name) {
+            Ok(_) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Replaces the upper entry `dir/name` with a whiteout in one step, then removes what was
+    /// there (a directory with everything in it, which can only be whiteouts).
+    fn whiteout_over(&self, dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+        let work = self.work()?;
+        let tmp = work.temp_name();
+        make_whiteout(work.fd(), &tmp)?;
+        if let Err(e) = nix::fcntl::renameat2(
+            work.fd(),
+            tmp.as_os_str(),
+            dir,
+            name,
+            RenameFlags::RENAME_EXCHANGE,
+        ) {
+            work.discard(&tmp);
+            return Err(e.into());
+        }
+        work.discard(&tmp);
+        Ok(())
+    }
+
+    /// Creates a new object `name` in `parent` with `make`, owned by the caller. Over a
+    /// whiteout it is built in the work directory (a directory marked opaque) and swapped in.
+    fn create_object<F>(
+        &self,
+        parent: &Arc<Node>,
+        name: &OsStr,
+        caller: &Caller,
+        is_dir: bool,
+        make: F,
+    ) -> io::Result<Attr>
+    where
+        F: Fn(BorrowedFd<'_>, &OsStr) -> io::Result<()>,
+    {
+        self.work()?;
+        if self.resolve_child(parent, name)?.is_some() {
+            return Err(errno(libc::EEXIST));
+        }
+        let upper = self.upper_dir(parent)?;
+        let dir = fd_of(&upper);
+        let parent_st = layer::stat_fd(dir)?;
+        let gid = if parent_st.st_mode & libc::S_ISGID != 0 {
+            parent_st.st_gid
+        } else {
+            caller.gid
+        };
+        if Self::upper_has_entry(dir, name)? {
+            let work = self.work()?;
+            let tmp = work.temp_name();
+            let built = make(work.fd(), &tmp)
+                .and_then(|()| give_to(work.fd(), &tmp, caller.uid, gid))
+                .and_then(|()| {
+                    if is_dir {
+                        XattrTarget::Entry(work.fd(), &tmp).set(
+                            &self.stack.names.name("opaque"),
+                            b"y",
+                            0,
+                        )
+                    } else {
+                        Ok(())
+                    }
+                })
+                .and_then(|()| {
+                    nix::fcntl::renameat2(
+                        work.fd(),
+                        tmp.as_os_str(),
+                        dir,
+                        name,
+                        RenameFlags::RENAME_EXCHANGE,
+                    )
+                    .map_err(io::Error::from)
+                });
+            // After the exchange the temporary is the old whiteout; on failure, our new object.
+            work.discard(&tmp);
+            built?;
+        } else {
+            make(dir, name)?;
+            if let Err(e) = give_to(dir, name, caller.uid, gid) {
+                let _ = crate::workdir::remove_entry(dir, name);
+                return Err(e);
+            }
+        }
+        let r = self
+            .resolve_child(parent, name)?
+            .ok_or_else(|| errno(libc::EIO))?;
+        Ok(self.remember(parent, name, r))
+    }
+
+    pub fn mknod(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u64,
+        caller: &Caller,
+    ) -> io::Result<Attr> {
+        let parent = self.node(parent)?;
+        let perm = mode & 0o7777 & !umask;
+        let kind = mode & libc::S_IFMT;
+        self.create_object(&parent, name, caller, false, |dir, n| {
+            if kind == libc::S_IFREG || kind == 0 {
+                layer::open_at(
+                    dir,
+                    n,
+                    OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL,
+                    perm,
+                )
+                .map(drop)
+            } else {
+                Ok(nix::sys::stat::mknodat(
+                    dir,
+                    n,
+                    SFlag::from_bits_truncate(kind),
+                    Mode::from_bits_truncate(perm),
+                    rdev,
+                )?)
+            }
+        })
+    }
+
+    pub fn mkdir(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        caller: &Caller,
+    ) -> io::Result<Attr> {
+        let parent = self.node(parent)?;
+        let perm = mode & 0o7777 & !umask;
+        self.create_object(&parent, name, caller, true, |dir, n| {
+            Ok(nix::sys::stat::mkdirat(
+                dir,
+                n,
+                Mode::from_bits_truncate(perm),
+            )?)
+        })
+    }
+
+    pub fn symlink(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        target: &OsStr,
+        caller: &Caller,
+    ) -> io::Result<Attr> {
+        let parent = self.node(parent)?;
+        self.create_object(&parent, name, caller, false, |dir, n| {
+            Ok(nix::unistd::symlinkat(target, dir, n)?)
+        })
+    }
+
+    /// Creates and opens a regular file; an existing one is opened (and truncated if asked),
+    /// unless `O_EXCL`.
+    pub fn create(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        caller: &Caller,
+    ) -> io::Result<(Attr, u64)> {
+        let parent_node = self.node(parent)?;
+        let attr = match self.create_object(&parent_node, name, caller, false, |dir, n| {
+            layer::open_at(
+                dir,
+                n,
+                OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL,
+                mode & 0o7777 & !umask,
+            )
+            .map(drop)
+        }) {
+            Ok(attr) => attr,
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) && flags & libc::O_EXCL == 0 => {
+                self.lookup(parent, name)?
+            }
+            Err(e) => return Err(e),
+        };
+        let node = self.node(attr.ino)?;
+        let flags = flags & !(libc::O_CREAT | libc::O_EXCL);
+        let (fh, _) = if crate::overlay::wants_write(flags) {
+            self.open_for_write(&node, flags, caller)?
+        } else {
+            self.open(attr.ino, flags, caller)?
+        };
+        Ok((attr, fh))
+    }
+
+    pub fn link(
+        &self,
+        ino: Ino,
+        newparent: Ino,
+        newname: &OsStr,
+        caller: &Caller,
+    ) -> io::Result<Attr> {
+        let _ = caller;
+        let node = self.node(ino)?;
+        if node.is_dir() {
+            return Err(errno(libc::EPERM));
+        }
+        let np = self.node(newparent)?;
+        if self.resolve_child(&np, newname)?.is_some() {
+            return Err(errno(libc::EEXIST));
+        }
+        self.copy_up(&node, CopyData::All)?;
+        let new_upper = self.upper_dir(&np)?;
+        let (Location::Entry(old_dir, old_name), _) = self.locate(&node)? else {
+            return Err(errno(libc::EPERM));
+        };
+        let link = |dir: BorrowedFd<'_>, name: &OsStr| -> io::Result<()> {
+            Ok(nix::unistd::linkat(
+                fd_of(&old_dir),
+                old_name.as_os_str(),
+                dir,
+                name,
+                nix::fcntl::AtFlags::empty(),
+            )?)
+        };
+        let dir = fd_of(&new_upper);
+        if Self::upper_has_entry(dir, newname)? {
+            let work = self.work()?;
+            let tmp = work.temp_name();
+            let res = link(work.fd(), &tmp).and_then(|()| {
+                nix::fcntl::renameat2(
+                    work.fd(),
+                    tmp.as_os_str(),
+                    dir,
+                    newname,
+                    RenameFlags::RENAME_EXCHANGE,
+                )
+                .map_err(io::Error::from)
+            });
+            work.discard(&tmp);
+            res?;
+        } else {
+            link(dir, newname)?;
+        }
+        let st = layer::stat_at(dir, newname)?;
+        node.state_mut().add_alias(&np, newname);
+        Ok(self.attr_of(&node, &st))
+    }
+
+    pub fn unlink(&self, parent: Ino, name: &OsStr, _caller: &Caller) -> io::Result<()> {
+        self.work()?;
+        let parent = self.node(parent)?;
+        let r = self
+            .resolve_child(&parent, name)?
+            .ok_or_else(|| errno(libc::ENOENT))?;
+        if matches!(r.backing, Backing::Dir(_)) {
+            return Err(errno(libc::EISDIR));
+        }
+        self.remove_entry(&parent, name, &r)
+    }
+
+    pub fn rmdir(&self, parent: Ino, name: &OsStr, _caller: &Caller) -> io::Result<()> {
+        self.work()?;
+        let parent = self.node(parent)?;
+        let r = self
+            .resolve_child(&parent, name)?
+            .ok_or_else(|| errno(libc::ENOENT))?;
+        let Backing::Dir(layers) = &r.backing else {
+            return Err(errno(libc::ENOTDIR));
+        };
+        if readdir::merged_listing(&self.stack, layers, 0, 0)?.len() > 2 {
+            return Err(errno(libc::ENOTEMPTY));
+        }
+        self.remove_entry(&parent, name, &r)
+    }
+
+    /// Removes `name` (resolved as `r`) from the merged view.
+    fn remove_entry(&self, parent: &Arc<Node>, name: &OsStr, r: &Resolved) -> io::Result<()> {
+        let needs_whiteout = self.lowers_have(parent, name)?;
+        let upper = self.upper_dir(parent)?;
+        let dir = fd_of(&upper);
+        if self.stack.is_upper(r.top) {
+            if needs_whiteout {
+                self.whiteout_over(dir, name)?;
+            } else if let Backing::Dir(layers) = &r.backing {
+                // Only whiteouts can be left in an empty merged directory's upper copy.
+                if let Some(top) = layers.first() {
+                    crate::workdir::clear_dir(fd_of(&top.fd))?;
+                }
+                nix::unistd::unlinkat(dir, name, UnlinkatFlags::RemoveDir)?;
+            } else {
+                nix::unistd::unlinkat(dir, name, UnlinkatFlags::NoRemoveDir)?;
+            }
+        } else {
+            make_whiteout(dir, name)?;
+        }
+        if let Some(node) = self.nodes.get(self.ino_of(r)) {
+            node.state_mut().remove_alias(parent.ino, name);
+        }
+        Ok(())
+    }
+
+    /// A directory may move only if it is the upper's alone (`redirect_dir=off`).
+    fn can_move(&self, r: &Resolved) -> bool {
+        match &r.backing {
+            Backing::Dir(layers) => layers.len() == 1 && self.stack.is_upper(layers[0].layer),
+            Backing::NonDir { .. } => true,
+        }
+    }
+
+    pub fn rename(
+        &self,
+        olddir: Ino,
+        oldname: &OsStr,
+        newdir: Ino,
+        newname: &OsStr,
+        flags: u32,
+        _caller: &Caller,
+    ) -> io::Result<()> {
+        if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0
+            || flags == RENAME_NOREPLACE | RENAME_EXCHANGE
+        {
+            return Err(errno(libc::EINVAL));
+        }
+        self.work()?;
+        let exchange = flags & RENAME_EXCHANGE != 0;
+        let op = self.node(olddir)?;
+        let np = self.node(newdir)?;
+        let src = self
+            .resolve_child(&op, oldname)?
+            .ok_or_else(|| errno(libc::ENOENT))?;
+        let dst = self.resolve_child(&np, newname)?;
+        let src_is_dir = matches!(src.backing, Backing::Dir(_));
+        match &dst {
+            None if exchange => return Err(errno(libc::ENOENT)),
+            Some(_) if flags & RENAME_NOREPLACE != 0 => return Err(errno(libc::EEXIST)),
+            _ => {}
+        }
+        if src_is_dir && !self.can_move(&src) {
+            return Err(errno(libc::EXDEV));
+        }
+        let src_ino = self.ino_of(&src);
+        if let Some(d) = &dst {
+            let dst_is_dir = matches!(d.backing, Backing::Dir(_));
+            if exchange {
+                if dst_is_dir && !self.can_move(d) {
+                    return Err(errno(libc::EXDEV));
+                }
+            } else if dst_is_dir && !src_is_dir {
+                return Err(errno(libc::EISDIR));
+            } else if !dst_is_dir && src_is_dir {
+                return Err(errno(libc::ENOTDIR));
+            } else if let Backing::Dir(layers) = &d.backing
+                && readdir::merged_listing(&self.stack, layers, 0, 0)?.len() > 2
+            {
+                return Err(errno(libc::ENOTEMPTY));
+            }
+            if self.ino_of(d) == src_ino {
+                // Two names of one file: rename(2) does nothing.
+                return Ok(());
+            }
+        }
+        let src_node = self.nodes.get(src_ino).ok_or_else(|| errno(libc::ESTALE))?;
+        self.copy_up(&src_node, CopyData::All)?;
+        let dst_node = match &dst {
+            Some(d) => self.nodes.get(self.ino_of(d)),
+            None => None,
+        };
+        if exchange && let Some(d) = &dst_node {
+            self.copy_up(d, CopyData::All)?;
+        }
+        let old_upper = self.upper_dir(&op)?;
+        let new_upper = self.upper_dir(&np)?;
+        let (od, nd) = (fd_of(&old_upper), fd_of(&new_upper));
+        let old_needs_whiteout = !exchange && self.lowers_have(&op, oldname)?;
+        if src_is_dir && self.lowers_have(&np, newname)? {
+            XattrTarget::Entry(od, oldname).set(&self.stack.names.name("opaque"), b"y", 0)?;
+        }
+        if exchange
+            && matches!(dst.as_ref().map(|d| &d.backing), Some(Backing::Dir(_)))
+            && self.lowers_have(&op, oldname)?
+        {
+            XattrTarget::Entry(nd, newname).set(&self.stack.names.name("opaque"), b"y", 0)?;
+        }
+        if !exchange
+            && let Some(Resolved {
+                backing: Backing::Dir(layers),
+                top,
+                ..
+            }) = &dst
+            && self.stack.is_upper(*top)
+            && let Some(l) = layers.first()
+        {
+            crate::workdir::clear_dir(fd_of(&l.fd))?;
+        }
+        self.rename_in_upper(
+            od,
+            oldname,
+            nd,
+            newname,
+            exchange,
+            old_needs_whiteout,
+            src_is_dir,
+        )?;
+        {
+            let mut st = src_node.state_mut();
+            st.remove_alias(op.ino, oldname);
+            st.add_alias(&np, newname);
+        }
+        if let Some(d) = dst_node {
+            let mut st = d.state_mut();
+            st.remove_alias(np.ino, newname);
+            if exchange {
+                st.add_alias(&op, oldname);
+            }
+        }
+        Ok(())
+    }
+
+    /// The rename itself, in the upper: atomic with the whiteout it must leave behind.
+    #[allow(clippy::too_many_arguments)]
+    fn rename_in_upper(
+        &self,
+        od: BorrowedFd<'_>,
+        oldname: &OsStr,
+        nd: BorrowedFd<'_>,
+        newname: &OsStr,
+        exchange: bool,
+        whiteout: bool,
+        src_is_dir: bool,
+    ) -> io::Result<()> {
+        if exchange {
+            return Ok(nix::fcntl::renameat2(
+                od,
+                oldname,
+                nd,
+                newname,
+                RenameFlags::RENAME_EXCHANGE,
+            )?);
+        }
+        let target_is_whiteout =
+            matches!(layer::stat_at(nd, newname), Ok(st) if crate::format::is_char_whiteout(&st));
+        if src_is_dir && target_is_whiteout {
+            // A directory cannot replace a device node: swap them, then the whiteout that
+            // lands at the old name is either wanted there or removed.
+            nix::fcntl::renameat2(od, oldname, nd, newname, RenameFlags::RENAME_EXCHANGE)?;
+            if !whiteout {
+                nix::unistd::unlinkat(od, oldname, UnlinkatFlags::NoRemoveDir)?;
+            }
+            return Ok(());
+        }
+        if whiteout {
+            match nix::fcntl::renameat2(od, oldname, nd, newname, RenameFlags::RENAME_WHITEOUT) {
+                Ok(()) => return Ok(()),
+                Err(nix::errno::Errno::EINVAL) => {}
+                Err(e) => return Err(e.into()),
+            }
+            nix::fcntl::renameat(od, oldname, nd, newname)?;
+            return make_whiteout(od, oldname);
+        }
+        Ok(nix::fcntl::renameat(od, oldname, nd, newname)?)
+    }
+
+    pub fn setattr(
+        &self,
+        ino: Ino,
+        fh: Option<u64>,
+        set: &SetAttr,
+        caller: &Caller,
+    ) -> io::Result<Attr> {
+        let _ = caller;
+        self.work()?;
+        let node = self.node(ino)?;
+        let data = if set.size == Some(0) {
+            CopyData::MetadataOnly
+        } else {
+            CopyData::All
+        };
+        self.copy_up(&node, data)?;
+        let (loc, _) = self.locate(&node)?;
+        let st = loc.stat()?;
+        let (dir, name): (BorrowedFd<'_>, Option<&OsStr>) = match &loc {
+            Location::Dir(fd) => (fd_of(fd), None),
+            Location::Entry(d, n) => (fd_of(d), Some(n.as_os_str())),
+        };
+        if set.uid.is_some() || set.gid.is_some() {
+            let uid = set.uid.map(Uid::from_raw);
+            let gid = set.gid.map(Gid::from_raw);
+            match name {
+                Some(n) => {
+                    nix::unistd::fchownat(dir, n, uid, gid, FchownatFlags::AT_SYMLINK_NOFOLLOW)?
+                }
+                None => nix::unistd::fchown(dir, uid, gid)?,
+            }
+        }
+        if let Some(mode) = set.mode {
+            if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
+                return Err(errno(libc::EOPNOTSUPP));
+            }
+            let mode = Mode::from_bits_truncate(mode & 0o7777);
+            match name {
+                Some(n) => nix::sys::stat::fchmodat(
+                    dir,
+                    n,
+                    mode,
+                    nix::sys::stat::FchmodatFlags::FollowSymlink,
+                )?,
+                None => nix::sys::stat::fchmod(dir, mode)?,
+            }
+        }
+        if let Some(size) = set.size {
+            self.truncate(&node, fh, &loc, size)?;
+        }
+        if set.atime != TimeSet::Omit || set.mtime != TimeSet::Omit {
+            let (a, m) = (set.atime.timespec(), set.mtime.timespec());
+            match name {
+                Some(n) => {
+                    nix::sys::stat::utimensat(dir, n, &a, &m, UtimensatFlags::NoFollowSymlink)?
+                }
+                None => nix::sys::stat::futimens(dir, &a, &m)?,
+            }
+        }
+        let st = loc.stat()?;
+        Ok(self.attr_of(&node, &st))
+    }
+
+    fn truncate(&self, node: &Node, fh: Option<u64>, loc: &Location, size: u64) -> io::Result<()> {
+        if let Some(fh) = fh
+            && let Ok(h) = self.handles.get(node.ino, fh)
+            && let Handle::File {
+                file,
+                in_upper: true,
+                ..
+            } = &*h
+            && file.set_len(size).is_ok()
+        {
+            return Ok(());
+        }
+        match loc {
+            Location::Entry(dir, name) => {
+                File::from(layer::open_at(fd_of(dir), name, OFlag::O_WRONLY, 0)?).set_len(size)
+            }
+            Location::Dir(_) => Err(errno(libc::EISDIR)),
+        }
+    }
+
+    /// Opens for writing: copies the file up first (without data when it is truncated anyway).
+    pub(crate) fn open_for_write(
+        &self,
+        node: &Arc<Node>,
+        flags: i32,
+        _caller: &Caller,
+    ) -> io::Result<(u64, bool)> {
+        self.work()?;
+        let data = if flags & libc::O_TRUNC != 0 {
+            CopyData::MetadataOnly
+        } else {
+            CopyData::All
+        };
+        self.copy_up(node, data)?;
+        let (Location::Entry(dir, name), _) = self.locate(node)? else {
+            return Err(errno(libc::EISDIR));
+        };
+        let fd = layer::open_at(fd_of(&dir), &name, open_passthrough_flags(flags), 0)?;
+        let fh = self.handles.insert(Handle::File {
+            ino: node.ino,
+            file: File::from(fd),
+            in_upper: true,
+        });
+        Ok((fh, false))
+    }
+
+    fn with_file<T>(
+        &self,
+        ino: Ino,
+        fh: u64,
+        f: impl FnOnce(&File, bool) -> io::Result<T>,
+    ) -> io::Result<T> {
+        let handle = self.handles.get(ino, fh)?;
+        match &*handle {
+            Handle::File { file, in_upper, .. } => f(file, *in_upper),
+            Handle::Dir { .. } => Err(errno(libc::EISDIR)),
+        }
+    }
+
+    pub fn write(&self, ino: Ino, fh: u64, offset: u64, data: &[u8]) -> io::Result<usize> {
+        self.with_file(ino, fh, |file, in_upper| {
+            if !in_upper {
+                return Err(errno(libc::EBADF));
+            }
+            let mut done = 0;
+            while done < data.len() {
+                match file.write_at(&data[done..], offset + done as u64) {
+                    Ok(0) => break,
+                    Ok(n) => done += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if done > 0 => {
+                        tracing::debug!(error = %e, "short write");
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(done)
+        })
+    }
+
+    pub fn flush(&self, ino: Ino, fh: u64) -> io::Result<()> {
+        self.with_file(ino, fh, |_, _| Ok(()))
+    }
+
+    pub fn fsync(&self, ino: Ino, fh: u64, datasync: bool) -> io::Result<()> {
+        self.with_file(ino, fh, |file, _| {
+            if datasync {
+                file.sync_data()
+            } else {
+                file.sync_all()
+            }
+        })
+    }
+
+    pub fn fsyncdir(&self, ino: Ino, _datasync: bool) -> io::Result<()> {
+        let node = self.node(ino)?;
+        match node.dir_fd(UPPER) {
+            Some(fd) if self.stack.has_upper => Ok(nix::unistd::fsync(fd.as_fd())?),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn fallocate(
+        &self,
+        ino: Ino,
+        fh: u64,
+        offset: u64,
+        length: u64,
+        mode: i32,
+    ) -> io::Result<()> {
+        self.with_file(ino, fh, |file, in_upper| {
+            if !in_upper {
+                return Err(errno(libc::EBADF));
+            }
+            let flags = nix::fcntl::FallocateFlags::from_bits_truncate(mode);
+            Ok(nix::fcntl::fallocate(
+                file,
+                flags,
+                offset as i64,
+                length as i64,
+            )?)
+        })
+    }
+
+    pub fn lseek(&self, ino: Ino, fh: u64, offset: i64, whence: i32) -> io::Result<i64> {
+        let whence = match whence {
+            libc::SEEK_SET => nix::unistd::Whence::SeekSet,
+            libc::SEEK_CUR => nix::unistd::Whence::SeekCur,
+            libc::SEEK_END => nix::unistd::Whence::SeekEnd,
+            libc::SEEK_DATA => nix::unistd::Whence::SeekData,
+            libc::SEEK_HOLE => nix::unistd::Whence::SeekHole,
+            _ => return Err(errno(libc::EINVAL)),
+        };
+        self.with_file(ino, fh, |file, _| {
+            Ok(nix::unistd::lseek(file, offset, whence)?)
+        })
+    }
+
+    pub fn copy_file_range(
+        &self,
+        from: (Ino, u64, u64),
+        to: (Ino, u64, u64),
+        len: u64,
+    ) -> io::Result<usize> {
+        let src = self.handles.get(from.0, from.1)?;
+        let dst = self.handles.get(to.0, to.1)?;
+        let (
+            Handle::File { file: sf, .. },
+            Handle::File {
+                file: df,
+                in_upper: true,
+                ..
+            },
+        ) = (&*src, &*dst)
+        else {
+            return Err(errno(libc::EBADF));
+        };
+        let mut off_in = from.2 as i64;
+        let mut off_out = to.2 as i64;
+        Ok(nix::fcntl::copy_file_range(
+            sf,
+            Some(&mut off_in),
+            df,
+            Some(&mut off_out),
+            len as usize,
+        )?)
+    }
+
+    pub fn setxattr(
+        &self,
+        ino: Ino,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _caller: &Caller,
+    ) -> io::Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        if self.stack.names.is_private(name.as_bytes()) {
+            return Err(errno(libc::EPERM));
+        }
+        self.work()?;
+        let node = self.node(ino)?;
+        self.copy_up(&node, CopyData::All)?;
+        let (loc, _) = self.locate(&node)?;
+        loc.xattr_target().set(name.as_bytes(), value, flags)
+    }
+
+    pub fn removexattr(&self, ino: Ino, name: &OsStr, _caller: &Caller) -> io::Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        if self.stack.names.is_private(name.as_bytes()) {
+            return Err(errno(libc::EPERM));
+        }
+        self.work()?;
+        let node = self.node(ino)?;
+        if !self.in_upper(&node) {
+            // Removing what is not there changes nothing, and copies nothing up.
+            let (loc, _) = self.locate(&node)?;
+            loc.xattr_target().get(name.as_bytes())?;
+        }
+        self.copy_up(&node, CopyData::All)?;
+        let (loc, _) = self.locate(&node)?;
+        loc.xattr_target().remove(name.as_bytes())
+    }
+}
+
+/// A kernel whiteout: a character device 0/0 with no permissions.
+fn make_whiteout(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+    Ok(nix::sys::stat::mknodat(
+        dir,
+        name,
+        SFlag::S_IFCHR,
+        Mode::empty(),
+        0,
+    )?)
+}
+
+/// Gives a new object to its creator. Changing the owner clears setuid/setgid on files, so the
+/// mode is put back afterwards.
+fn give_to(dir: BorrowedFd<'_>, name: &OsStr, uid: u32, gid: u32) -> io::Result<()> {
+    let before = layer::stat_at(dir, name)?;
+    nix::unistd::fchownat(
+        dir,
+        name,
+        Some(Uid::from_raw(uid)),
+        Some(Gid::from_raw(gid)),
+        FchownatFlags::AT_SYMLINK_NOFOLLOW,
+    )?;
+    let kind = before.st_mode & libc::S_IFMT;
+    if before.st_mode & 0o6000 != 0 && kind != libc::S_IFLNK && kind != libc::S_IFDIR {
+        nix::sys::stat::fchmodat(
+            dir,
+            name,
+            Mode::from_bits_truncate(before.st_mode & 0o7777),
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        )?;
+    }
+    Ok(())
+}
