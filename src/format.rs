@@ -42,13 +42,53 @@ impl XattrNames {
         v
     }
 
-    /// True for attributes that belong to the overlay and are never shown through the mount:
-    /// the kernel's (in either namespace: a `trusted.overlay.*` left in a layer is metadata of
-    /// some other overlay, never user data) and fuse-overlayfs's.
+    /// True for stored attributes that belong to the overlay and are never shown or copied as
+    /// they are: the kernel's (in either namespace: a `trusted.overlay.*` left in a layer is
+    /// metadata of some other overlay) and fuse-overlayfs's. Escaped names
+    /// (`<prefix>overlay.*`, see [`XattrNames::escape`]) are user data, not private.
     pub fn is_private(&self, name: &[u8]) -> bool {
+        if self.unescape(name).is_some() {
+            return false;
+        }
         name.starts_with(b"trusted.overlay.")
             || (self.userxattr && name.starts_with(b"user.overlay."))
             || name.starts_with(FUSE_OVERLAYFS_PREFIX)
+    }
+
+    /// Where an attribute named through the mount is stored. Names in the overlay's own
+    /// namespace are escaped with one more `overlay.` (as the kernel does since 6.7), so a
+    /// caller can set `trusted.overlay.opaque` on a file without forging an opaque marker, and
+    /// nested overlays keep working. `None` for names no caller may touch.
+    pub fn escape(&self, name: &[u8]) -> Option<Vec<u8>> {
+        if let Some(rest) = name.strip_prefix(self.prefix()) {
+            let mut v = self.prefix().to_vec();
+            v.extend_from_slice(b"overlay.");
+            v.extend_from_slice(rest);
+            return Some(v);
+        }
+        if self.is_private(name) {
+            return None;
+        }
+        Some(name.to_vec())
+    }
+
+    /// The name through the mount of an escaped stored name, `None` if it is not escaped.
+    pub fn unescape(&self, stored: &[u8]) -> Option<Vec<u8>> {
+        let rest = stored
+            .strip_prefix(self.prefix())?
+            .strip_prefix(b"overlay.")?;
+        let mut v = self.prefix().to_vec();
+        v.extend_from_slice(rest);
+        Some(v)
+    }
+
+    /// The name shown through the mount for a stored name, `None` if it is hidden.
+    pub fn visible(&self, stored: &[u8]) -> Option<Vec<u8>> {
+        match self.unescape(stored) {
+            Some(v) => Some(v),
+            None if self.is_private(stored) => None,
+            None => Some(stored.to_vec()),
+        }
     }
 }
 
@@ -211,6 +251,19 @@ mod tests {
         let trusted = XattrNames { userxattr: false };
         let user = XattrNames { userxattr: true };
         assert!(trusted.is_private(b"trusted.overlay.opaque"));
+        assert!(!trusted.is_private(b"trusted.overlay.overlay.opaque"));
+        assert_eq!(
+            trusted.escape(b"trusted.overlay.opaque").as_deref(),
+            Some(&b"trusted.overlay.overlay.opaque"[..])
+        );
+        assert_eq!(trusted.escape(b"user.x").as_deref(), Some(&b"user.x"[..]));
+        assert_eq!(trusted.escape(b"user.fuseoverlayfs.opaque"), None);
+        assert_eq!(
+            trusted.visible(b"trusted.overlay.overlay.x").as_deref(),
+            Some(&b"trusted.overlay.x"[..])
+        );
+        assert_eq!(trusted.visible(b"trusted.overlay.origin"), None);
+        assert_eq!(trusted.visible(b"user.a").as_deref(), Some(&b"user.a"[..]));
         assert!(!trusted.is_private(b"user.overlay.opaque"));
         assert!(user.is_private(b"user.overlay.opaque"));
         assert!(user.is_private(b"trusted.overlay.origin"));

@@ -280,12 +280,14 @@ impl Overlay {
 
     pub fn getxattr(&self, ino: Ino, name: &OsStr) -> io::Result<Vec<u8>> {
         use std::os::unix::ffi::OsStrExt;
-        if self.stack.names.is_private(name.as_bytes()) {
-            return Err(errno(libc::ENODATA));
-        }
+        let stored = self
+            .stack
+            .names
+            .escape(name.as_bytes())
+            .ok_or_else(|| errno(libc::ENODATA))?;
         let node = self.node(ino)?;
         let (loc, _) = self.locate(&node)?;
-        loc.xattr_target().get(name.as_bytes())
+        loc.xattr_target().get(&stored)
     }
 
     /// Attribute names, NUL-terminated each, as `listxattr(2)` returns them; the overlay's
@@ -299,8 +301,11 @@ impl Overlay {
             Err(e) => return Err(e),
         };
         let mut out = Vec::new();
-        for n in names {
-            if self.stack.names.is_private(&n) || (caller.uid != 0 && n.starts_with(b"trusted.")) {
+        for stored in names {
+            let Some(n) = self.stack.names.visible(&stored) else {
+                continue;
+            };
+            if caller.uid != 0 && n.starts_with(b"trusted.") {
                 continue;
             }
             out.extend_from_slice(&n);

@@ -788,31 +788,35 @@ impl Overlay {
         _caller: &Caller,
     ) -> io::Result<()> {
         use std::os::unix::ffi::OsStrExt;
-        if self.stack.names.is_private(name.as_bytes()) {
-            return Err(errno(libc::EPERM));
-        }
+        let stored = self
+            .stack
+            .names
+            .escape(name.as_bytes())
+            .ok_or_else(|| errno(libc::EPERM))?;
         self.work()?;
         let node = self.node(ino)?;
         self.copy_up(&node, CopyData::All)?;
         let (loc, _) = self.locate(&node)?;
-        loc.xattr_target().set(name.as_bytes(), value, flags)
+        loc.xattr_target().set(&stored, value, flags)
     }
 
     pub fn removexattr(&self, ino: Ino, name: &OsStr, _caller: &Caller) -> io::Result<()> {
         use std::os::unix::ffi::OsStrExt;
-        if self.stack.names.is_private(name.as_bytes()) {
-            return Err(errno(libc::EPERM));
-        }
+        let stored = self
+            .stack
+            .names
+            .escape(name.as_bytes())
+            .ok_or_else(|| errno(libc::EPERM))?;
         self.work()?;
         let node = self.node(ino)?;
         if !self.in_upper(&node) {
             // Removing what is not there changes nothing, and copies nothing up.
             let (loc, _) = self.locate(&node)?;
-            loc.xattr_target().get(name.as_bytes())?;
+            loc.xattr_target().get(&stored)?;
         }
         self.copy_up(&node, CopyData::All)?;
         let (loc, _) = self.locate(&node)?;
-        loc.xattr_target().remove(name.as_bytes())
+        loc.xattr_target().remove(&stored)
     }
 }
 
