@@ -10,8 +10,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
     Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags,
-    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
-    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
 };
 use tracing::{debug, warn};
 
@@ -103,6 +104,27 @@ fn file_attr(a: &Attr) -> FileAttr {
     }
 }
 
+/// The attributes sent with a negative entry; the kernel reads only the node id (0).
+fn negative_attr() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
+        flags: 0,
+    }
+}
+
 fn time_set(t: Option<TimeOrNow>) -> TimeSet {
     match t {
         None => TimeSet::Omit,
@@ -145,14 +167,32 @@ impl Filesystem for FuseAdapter {
         let _ = config.set_max_write(1 << 20);
         // The kernel then enforces ACLs itself and, when an ACL that only restates the mode
         // is set, changes the mode through setattr, so its cached attributes stay right.
-        if let Err(missing) = config.add_capabilities(InitFlags::FUSE_POSIX_ACL) {
-            debug!(?missing, "kernel without POSIX ACL support in FUSE");
+        // READDIRPLUS answers `ls -l` in one round trip per buffer; parallel dirops let
+        // lookups in one directory run side by side; symlink targets never change once made.
+        let wanted = InitFlags::FUSE_POSIX_ACL
+            | InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_CACHE_SYMLINKS;
+        for flag in wanted.iter() {
+            if let Err(missing) = config.add_capabilities(flag) {
+                debug!(?missing, "capability not offered by the kernel");
+            }
         }
         Ok(())
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let res = self.overlay.lookup(parent.0, name);
+        if let Err(e) = &res
+            && e.raw_os_error() == Some(libc::ENOENT)
+        {
+            // A negative entry (node id 0) lets the kernel cache the miss: every change of the
+            // merged view passes through the kernel, which drops the entry when it makes one.
+            debug!(op = "lookup", ino = parent.0, "negative");
+            reply.entry(&self.ttl, &negative_attr(), Generation(0));
+            return;
+        }
         self.reply_entry("lookup", parent.0, res, reply);
     }
 
@@ -403,7 +443,12 @@ impl Filesystem for FuseAdapter {
         let res = self.overlay.opendir(ino.0);
         log_result("opendir", ino.0, &res);
         match res {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            // The kernel may keep listings in its cache: it invalidates them on every change
+            // it makes to the directory, and all changes go through it.
+            Ok(fh) => reply.opened(
+                FileHandle(fh),
+                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+            ),
             Err(e) => reply.error(to_errno("opendir", &e)),
         }
     }
@@ -435,6 +480,54 @@ impl Filesystem for FuseAdapter {
             }
             Err(e) => reply.error(to_errno("readdir", &e)),
         }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let res = self.overlay.readdir(ino.0, fh.0);
+        log_result("readdirplus", ino.0, &res);
+        let entries = match res {
+            Ok(entries) => entries,
+            Err(e) => return reply.error(to_errno("readdirplus", &e)),
+        };
+        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+            let is_dot = e.name == "." || e.name == "..";
+            // The kernel takes a reference on every entry but "." and "..": count it as a lookup.
+            let attr = if is_dot {
+                self.overlay.getattr(e.ino, None)
+            } else {
+                self.overlay.lookup(ino.0, &e.name)
+            };
+            let attr = match attr {
+                Ok(a) => a,
+                // Gone since the snapshot: skip it, as a later readdir would not show it.
+                Err(_) => continue,
+            };
+            let mut fattr = file_attr(&attr);
+            if is_dot {
+                fattr.ino = INodeNo(e.ino);
+            }
+            if reply.add(
+                INodeNo(attr.ino),
+                (i + 1) as u64,
+                &e.name,
+                &self.ttl,
+                &fattr,
+                Generation(0),
+            ) {
+                if !is_dot {
+                    self.overlay.forget(attr.ino, 1);
+                }
+                break;
+            }
+        }
+        reply.ok()
     }
 
     fn releasedir(
