@@ -203,8 +203,15 @@ impl Filesystem for FuseAdapter {
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         let res = self.overlay.getattr(ino.0, fh.map(|f| f.0));
         log_result("getattr", ino.0, &res);
+        // The kernel would report the root's cached node id (1) as its inode number; never
+        // caching the root's attributes makes every stat show the layer root's number instead.
+        let ttl = if ino.0 == crate::node::ROOT_INO {
+            Duration::ZERO
+        } else {
+            self.ttl
+        };
         match res {
-            Ok(attr) => reply.attr(&self.ttl, &file_attr(&attr)),
+            Ok(attr) => reply.attr(&ttl, &file_attr(&attr)),
             Err(e) => reply.error(to_errno("getattr", &e)),
         }
     }
@@ -498,31 +505,31 @@ impl Filesystem for FuseAdapter {
         };
         for (i, e) in entries.iter().enumerate().skip(offset as usize) {
             let is_dot = e.name == "." || e.name == "..";
-            // The kernel takes a reference on every entry but "." and "..": count it as a lookup.
-            let attr = if is_dot {
-                self.overlay.getattr(e.ino, None)
+            // The kernel takes a reference on every entry but "." and "..", whose attributes
+            // it ignores: only the others count as a lookup.
+            let fattr = if is_dot {
+                let mut a = negative_attr();
+                a.ino = INodeNo(e.ino);
+                a.kind = FileType::Directory;
+                a
             } else {
-                self.overlay.lookup(ino.0, &e.name)
+                match self.overlay.lookup(ino.0, &e.name) {
+                    Ok(attr) => file_attr(&attr),
+                    // Gone since the snapshot: skip it, as a later readdir would not show it.
+                    Err(_) => continue,
+                }
             };
-            let attr = match attr {
-                Ok(a) => a,
-                // Gone since the snapshot: skip it, as a later readdir would not show it.
-                Err(_) => continue,
-            };
-            let mut fattr = file_attr(&attr);
-            if is_dot {
-                fattr.ino = INodeNo(e.ino);
-            }
-            if reply.add(
-                INodeNo(attr.ino),
+            let full = reply.add(
+                fattr.ino,
                 (i + 1) as u64,
                 &e.name,
                 &self.ttl,
                 &fattr,
                 Generation(0),
-            ) {
+            );
+            if full {
                 if !is_dot {
-                    self.overlay.forget(attr.ino, 1);
+                    self.overlay.forget(fattr.ino.0, 1);
                 }
                 break;
             }

@@ -24,6 +24,9 @@ pub struct Resolved {
     pub top: LayerId,
     /// The origin record of an upper copy: the lower object it was copied up from.
     pub origin: Option<Origin>,
+    /// For a directory with an upper copy merged with lower ones: the first lower copy's
+    /// layer and inode number, which the kernel reports (and records as origin) for it.
+    pub merge_origin: Option<(LayerId, u64)>,
 }
 
 impl Resolved {
@@ -39,6 +42,7 @@ pub fn resolve(stack: &Stack, parent: &[DirLayer], name: &OsStr) -> io::Result<O
     let mut dirs: Vec<DirLayer> = Vec::new();
     let mut top: Option<(FileStat, LayerId)> = None;
     let mut origin = None;
+    let mut merge_origin = None;
     for dl in parent {
         let is_lower = !stack.is_upper(dl.layer);
         // OCI markers are metadata of lower layers, never entries of the merged view.
@@ -73,6 +77,7 @@ pub fn resolve(stack: &Stack, parent: &[DirLayer], name: &OsStr) -> io::Result<O
                 stat: st,
                 top: dl.layer,
                 origin,
+                merge_origin: None,
             }));
         }
         let fd = layer::open_dir_at(fd_of(&dl.fd), name)?;
@@ -85,8 +90,12 @@ pub fn resolve(stack: &Stack, parent: &[DirLayer], name: &OsStr) -> io::Result<O
             fd: Arc::new(fd),
             marks,
         });
-        if top.is_none() {
-            top = Some((st, dl.layer));
+        match &top {
+            None => top = Some((st, dl.layer)),
+            Some((_, t)) if merge_origin.is_none() && is_lower && stack.is_upper(*t) => {
+                merge_origin = Some((dl.layer, st.st_ino));
+            }
+            Some(_) => {}
         }
         if marks.opaque {
             break;
@@ -97,6 +106,7 @@ pub fn resolve(stack: &Stack, parent: &[DirLayer], name: &OsStr) -> io::Result<O
         stat,
         top,
         origin,
+        merge_origin,
     }))
 }
 

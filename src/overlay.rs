@@ -61,6 +61,9 @@ pub struct Overlay {
     pub(crate) nodes: NodeTable,
     pub(crate) handles: Handles,
     pub(crate) opts: OverlayOptions,
+    /// The inode number `stat` reports for the root (the top layer's root, as the kernel),
+    /// which differs from the root's fixed FUSE node id.
+    root_st_ino: Ino,
 }
 
 impl Overlay {
@@ -75,6 +78,9 @@ impl Overlay {
                 marks,
             });
         }
+        let top = stack.layers.first().ok_or_else(|| errno(libc::EINVAL))?;
+        let root_st_ino =
+            stack.reported_ino(top.id, layer::stat_fd(layer::borrow(&top.root))?.st_ino);
         let nodes = NodeTable::default();
         nodes.insert_root(Node::new(
             ROOT_INO,
@@ -89,6 +95,7 @@ impl Overlay {
             nodes,
             handles: Handles::default(),
             opts,
+            root_st_ino,
         })
     }
 
@@ -130,7 +137,16 @@ impl Overlay {
     /// The attributes reported for `node` given the `lstat` of its top-most copy.
     pub(crate) fn attr_of(&self, node: &Node, st: &FileStat) -> Attr {
         let merged = matches!(&node.state().backing, Backing::Dir(l) if l.len() > 1);
-        Attr::from_stat(st, node.ino, merged)
+        Attr::from_stat(st, self.st_ino(node.ino), merged)
+    }
+
+    /// The inode number `stat` reports for the node `ino`.
+    pub fn st_ino(&self, ino: Ino) -> Ino {
+        if ino == ROOT_INO {
+            self.root_st_ino
+        } else {
+            ino
+        }
     }
 
     /// The inode number reported for a resolved object: a copied-up object keeps its lower
@@ -143,6 +159,9 @@ impl Overlay {
             && (st.st_mode & libc::S_IFMT == libc::S_IFDIR || st.st_nlink == 1)
         {
             return self.stack.reported_ino(layer, st.st_ino);
+        }
+        if let Some((layer, ino)) = r.merge_origin {
+            return self.stack.reported_ino(layer, ino);
         }
         self.stack.reported_ino(r.top, r.stat.st_ino)
     }
@@ -168,7 +187,32 @@ impl Overlay {
         let layers = Self::dir_layers(&parent)?;
         let resolved =
             lookup::resolve(&self.stack, &layers, name)?.ok_or_else(|| errno(libc::ENOENT))?;
+        if resolved.origin.is_none() && resolved.merge_origin.is_some() {
+            self.record_merge_origin(&layers, name, &resolved);
+        }
         Ok(self.remember(&parent, name, resolved))
+    }
+
+    /// Records the first lower copy of a merged directory as the upper copy's origin, and
+    /// marks the parent impure, as the kernel does on lookup: the upper then reads the same
+    /// under either implementation. Best effort; nothing is recorded on a read-only mount.
+    fn record_merge_origin(&self, parent: &[DirLayer], name: &OsStr, r: &Resolved) {
+        let (Backing::Dir(layers), Some(upper_parent)) = (&r.backing, parent.first()) else {
+            return;
+        };
+        if self.opts.read_only || !self.stack.is_upper(upper_parent.layer) || layers.len() < 2 {
+            return;
+        }
+        let (upper, lower) = (&layers[0], &layers[1]);
+        let Some(origin) = self.stack.origin_of(lower.layer, fd_of(&lower.fd), None) else {
+            return;
+        };
+        let target = XattrTarget::Dir(fd_of(&upper.fd));
+        if let Err(e) = target.set(&self.stack.names.name("origin"), &origin.encode(), 0) {
+            tracing::debug!(name = ?name, error = %e, "cannot record origin of merged directory");
+            return;
+        }
+        self.mark_impure(fd_of(&upper_parent.fd));
     }
 
     pub fn forget(&self, ino: Ino, count: u64) {
@@ -251,7 +295,8 @@ impl Overlay {
             .state()
             .primary_alias()
             .map_or(ROOT_INO, |a| a.parent.ino);
-        let entries = readdir::merged_listing(&self.stack, &layers, ino, dotdot)?;
+        let entries =
+            readdir::merged_listing(&self.stack, &layers, self.st_ino(ino), self.st_ino(dotdot))?;
         Ok(self.handles.insert(Handle::Dir {
             ino,
             entries: Arc::new(entries),
