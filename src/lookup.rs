@@ -2,7 +2,7 @@
 //! ends the search, a non-directory found first wins, directories merge until one is opaque or
 //! a deeper layer holds a non-directory under that name.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
@@ -38,12 +38,41 @@ impl Resolved {
 
 /// Resolves `name` in the directory whose layer copies are `parent` (top-down). `Ok(None)`
 /// when the name does not exist in the merged view (absent everywhere or whited out).
+///
+/// A directory carrying a redirect (written by a directory rename under `redirect_dir=on`)
+/// continues the merge below it at the redirect's target: a relative one names a sibling, an
+/// absolute one a path from the layers' roots, as the kernel follows them by default.
 pub fn resolve(stack: &Stack, parent: &[DirLayer], name: &OsStr) -> io::Result<Option<Resolved>> {
     let mut dirs: Vec<DirLayer> = Vec::new();
     let mut top: Option<(FileStat, LayerId)> = None;
     let mut origin = None;
     let mut merge_origin = None;
-    for dl in parent {
+    let mut seek = Seek::Sibling(name.to_os_string());
+    let mut next_parent = 0;
+    let mut last_layer: Option<LayerId> = None;
+    loop {
+        let (dl, name) = match &seek {
+            Seek::Sibling(n) => {
+                let Some(dl) = parent.get(next_parent) else {
+                    break;
+                };
+                next_parent += 1;
+                (dl.clone(), n.clone())
+            }
+            Seek::FromRoot(path) => {
+                let layer = last_layer.map_or(0, |l| l + 1);
+                if layer >= stack.layers.len() {
+                    break;
+                }
+                last_layer = Some(layer);
+                match walk_to_parent(stack, layer, path)? {
+                    Some(dl) => (dl, path.last().cloned().unwrap_or_default()),
+                    None => continue,
+                }
+            }
+        };
+        last_layer = Some(dl.layer);
+        let name = name.as_os_str();
         let is_lower = !stack.is_upper(dl.layer);
         // OCI markers are metadata of lower layers, never entries of the merged view.
         if is_lower && format::is_oci_marker(name.as_bytes()) {
@@ -52,14 +81,14 @@ pub fn resolve(stack: &Stack, parent: &[DirLayer], name: &OsStr) -> io::Result<O
         let st = match layer::stat_at(fd_of(&dl.fd), name) {
             Ok(st) => st,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                if is_lower && has_oci_whiteout(dl, name)? {
+                if is_lower && has_oci_whiteout(&dl, name)? {
                     break;
                 }
                 continue;
             }
             Err(e) => return Err(e),
         };
-        if is_whiteout(stack, dl, name, &st) {
+        if is_whiteout(stack, &dl, name, &st) {
             break;
         }
         if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
@@ -85,6 +114,11 @@ pub fn resolve(stack: &Stack, parent: &[DirLayer], name: &OsStr) -> io::Result<O
         if top.is_none() && !is_lower {
             origin = read_origin(stack, XattrTarget::Dir(layer::borrow(&fd)));
         }
+        let redirect = if marks.opaque {
+            None
+        } else {
+            read_redirect(stack, XattrTarget::Dir(layer::borrow(&fd)))
+        };
         dirs.push(DirLayer {
             layer: dl.layer,
             fd: Arc::new(fd),
@@ -100,6 +134,9 @@ pub fn resolve(stack: &Stack, parent: &[DirLayer], name: &OsStr) -> io::Result<O
         if marks.opaque {
             break;
         }
+        if let Some(r) = redirect {
+            seek = seek.redirected(r);
+        }
     }
     Ok(top.map(|(stat, top)| Resolved {
         backing: Backing::Dir(dirs),
@@ -107,6 +144,83 @@ pub fn resolve(stack: &Stack, parent: &[DirLayer], name: &OsStr) -> io::Result<O
         top,
         origin,
         merge_origin,
+    }))
+}
+
+/// Where the lower layers are searched next.
+enum Seek {
+    /// This name in the parent directory's next layer copies.
+    Sibling(OsString),
+    /// This path from the root of each further layer.
+    FromRoot(Vec<OsString>),
+}
+
+impl Seek {
+    fn redirected(self, redirect: Redirect) -> Seek {
+        match (self, redirect) {
+            (_, Redirect::Absolute(path)) => Seek::FromRoot(path),
+            (Seek::Sibling(_), Redirect::Relative(n)) => Seek::Sibling(n),
+            (Seek::FromRoot(mut path), Redirect::Relative(n)) => {
+                path.pop();
+                path.push(n);
+                Seek::FromRoot(path)
+            }
+        }
+    }
+}
+
+/// A directory's redirect: where its lower content lives.
+enum Redirect {
+    /// A name in the same parent directory.
+    Relative(OsString),
+    /// A path from the root of the layers.
+    Absolute(Vec<OsString>),
+}
+
+fn read_redirect(stack: &Stack, dir: XattrTarget<'_>) -> Option<Redirect> {
+    let v = dir.get_opt(&stack.names.name("redirect")).ok()??;
+    if let Some(path) = v.strip_prefix(b"/") {
+        let parts: Vec<OsString> = path
+            .split(|&b| b == b'/')
+            .filter(|c| !c.is_empty())
+            .map(|c| OsStr::from_bytes(c).to_os_string())
+            .collect();
+        if parts.is_empty() || parts.iter().any(|p| p == ".." || p == ".") {
+            return None;
+        }
+        Some(Redirect::Absolute(parts))
+    } else if v.is_empty() || v.contains(&b'/') || v == b"." || v == b".." {
+        None
+    } else {
+        Some(Redirect::Relative(OsStr::from_bytes(&v).to_os_string()))
+    }
+}
+
+/// The copy in `layer` of the parent directory of `path`, walked from the layer's root one
+/// component at a time; `None` when the layer has no such directory.
+fn walk_to_parent(
+    stack: &Stack,
+    layer: LayerId,
+    path: &[OsString],
+) -> io::Result<Option<DirLayer>> {
+    let l = stack.layer(layer);
+    let mut fd = l.root.try_clone()?;
+    for comp in path.iter().take(path.len().saturating_sub(1)) {
+        match layer::stat_at(layer::borrow(&fd), comp) {
+            Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => {}
+            Ok(_) => return Ok(None),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        }
+        fd = layer::open_dir_at(layer::borrow(&fd), comp)?;
+    }
+    let marks = read_dir_marks(stack, !l.is_upper, &fd);
+    Ok(Some(DirLayer {
+        layer,
+        fd: Arc::new(fd),
+        marks,
     }))
 }
 

@@ -78,6 +78,9 @@ impl Overlay {
                 marks,
             });
         }
+        if !opts.read_only {
+            init_uuid(&stack);
+        }
         let top = stack.layers.first().ok_or_else(|| errno(libc::EINVAL))?;
         let root_st_ino =
             stack.reported_ino(top.id, layer::stat_fd(layer::borrow(&top.root))?.st_ino);
@@ -370,6 +373,35 @@ impl Overlay {
         } else {
             Err(errno(libc::EACCES))
         }
+    }
+}
+
+/// Gives a new upper a persistent overlay UUID (`<prefix>uuid` on its root), as the kernel does
+/// with `uuid=auto` on the first mount of an upper that is not yet marked impure; an older
+/// upper is left as it is.
+fn init_uuid(stack: &Stack) {
+    let Some(upper) = stack.upper() else {
+        return;
+    };
+    let root = XattrTarget::Dir(layer::borrow(&upper.root));
+    let uuid = stack.names.name("uuid");
+    let present = |name: &[u8]| !matches!(root.get_opt(name), Ok(None));
+    if present(&uuid) || present(&stack.names.name("impure")) {
+        return;
+    }
+    let mut bytes = [0u8; 16];
+    if let Err(e) = std::fs::File::open("/dev/urandom").and_then(|mut f| {
+        use std::io::Read;
+        f.read_exact(&mut bytes)
+    }) {
+        tracing::debug!(error = %e, "no randomness for the overlay uuid");
+        return;
+    }
+    // A version 4 (random) UUID, as uuid_gen makes.
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    if let Err(e) = root.set(&uuid, &bytes, 0) {
+        tracing::debug!(error = %e, "cannot record the overlay uuid");
     }
 }
 
