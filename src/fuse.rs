@@ -169,7 +169,10 @@ impl Filesystem for FuseAdapter {
         // is set, changes the mode through setattr, so its cached attributes stay right.
         // READDIRPLUS answers `ls -l` in one round trip per buffer; parallel dirops let
         // lookups in one directory run side by side; symlink targets never change once made.
+        // DONT_MASK: we get the caller's mode and umask apart, and apply the umask only where
+        // no default ACL takes its place.
         let wanted = InitFlags::FUSE_POSIX_ACL
+            | InitFlags::FUSE_DONT_MASK
             | InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_PARALLEL_DIROPS

@@ -110,6 +110,27 @@ impl Overlay {
         Ok(())
     }
 
+    /// Puts a whiteout at the free name `dir/name`: made in the work directory (so it belongs
+    /// to the mounter, not to a setgid parent's group, as the kernel's) and renamed in.
+    fn place_whiteout(&self, dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+        let work = self.work()?;
+        let tmp = work.temp_name();
+        make_whiteout(work.fd(), &tmp)?;
+        if let Err(e) = nix::fcntl::renameat(work.fd(), tmp.as_os_str(), dir, name) {
+            work.discard(&tmp);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// True when the upper object at `loc` carries an origin record (copied up or merged).
+    fn has_origin(&self, target: XattrTarget<'_>) -> bool {
+        matches!(
+            target.get_opt(&self.stack.names.name("origin")),
+            Ok(Some(_))
+        )
+    }
+
     /// Creates a new object `name` in `parent` with `make`, owned by the caller. Over a
     /// whiteout it is built in the work directory (a directory marked opaque) and swapped in.
     fn create_object<F>(
@@ -177,6 +198,21 @@ impl Overlay {
         Ok(self.remember(parent, name, r))
     }
 
+    /// The permission bits of a new object: the caller's umask applies unless the parent has a
+    /// default ACL, which the upper filesystem applies instead (POSIX ACL semantics).
+    fn new_mode(&self, parent: &Arc<Node>, mode: u32, umask: u32) -> io::Result<u32> {
+        let upper = self.upper_dir(parent)?;
+        let has_default_acl = matches!(
+            XattrTarget::Dir(fd_of(&upper)).get_opt(b"system.posix_acl_default"),
+            Ok(Some(_))
+        );
+        Ok(if has_default_acl {
+            mode & 0o7777
+        } else {
+            mode & 0o7777 & !umask
+        })
+    }
+
     pub fn mknod(
         &self,
         parent: Ino,
@@ -187,7 +223,7 @@ impl Overlay {
         caller: &Caller,
     ) -> io::Result<Attr> {
         let parent = self.node(parent)?;
-        let perm = mode & 0o7777 & !umask;
+        let perm = self.new_mode(&parent, mode, umask)?;
         let kind = mode & libc::S_IFMT;
         self.create_object(&parent, name, caller, false, |dir, n| {
             if kind == libc::S_IFREG || kind == 0 {
@@ -219,7 +255,7 @@ impl Overlay {
         caller: &Caller,
     ) -> io::Result<Attr> {
         let parent = self.node(parent)?;
-        let perm = mode & 0o7777 & !umask;
+        let perm = self.new_mode(&parent, mode, umask)?;
         self.create_object(&parent, name, caller, true, |dir, n| {
             Ok(nix::sys::stat::mkdirat(
                 dir,
@@ -254,12 +290,13 @@ impl Overlay {
         caller: &Caller,
     ) -> io::Result<(Attr, u64)> {
         let parent_node = self.node(parent)?;
+        let perm = self.new_mode(&parent_node, mode, umask)?;
         let attr = match self.create_object(&parent_node, name, caller, false, |dir, n| {
             layer::open_at(
                 dir,
                 n,
                 OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL,
-                mode & 0o7777 & !umask,
+                perm,
             )
             .map(drop)
         }) {
@@ -329,6 +366,9 @@ impl Overlay {
             link(dir, newname)?;
         }
         let st = layer::stat_at(dir, newname)?;
+        if self.has_origin(XattrTarget::Entry(dir, newname)) {
+            self.mark_impure(dir);
+        }
         node.state_mut().add_alias(&np, newname);
         Ok(self.attr_of(&node, &st))
     }
@@ -378,7 +418,7 @@ impl Overlay {
                 nix::unistd::unlinkat(dir, name, UnlinkatFlags::NoRemoveDir)?;
             }
         } else {
-            make_whiteout(dir, name)?;
+            self.place_whiteout(dir, name)?;
         }
         if let Some(node) = self.nodes.get(self.ino_of(r)) {
             node.state_mut().remove_alias(parent.ino, name);
@@ -459,14 +499,20 @@ impl Overlay {
         let new_upper = self.upper_dir(&np)?;
         let (od, nd) = (fd_of(&old_upper), fd_of(&new_upper));
         let old_needs_whiteout = !exchange && self.lowers_have(&op, oldname)?;
-        if src_is_dir && self.lowers_have(&np, newname)? {
-            XattrTarget::Entry(od, oldname).set(&self.stack.names.name("opaque"), b"y", 0)?;
+        // A directory that moves into a merged directory becomes opaque (as the kernel: it
+        // cannot know what the lowers hold under its new name), unless it already is.
+        let is_merged = |n: &Node| matches!(&n.state().backing, Backing::Dir(l) if l.len() > 1);
+        let opaque = self.stack.names.name("opaque");
+        if src_is_dir && !is_opaque_dir(&src) && is_merged(&np) {
+            XattrTarget::Entry(od, oldname).set(&opaque, b"y", 0)?;
         }
         if exchange
-            && matches!(dst.as_ref().map(|d| &d.backing), Some(Backing::Dir(_)))
-            && self.lowers_have(&op, oldname)?
+            && let Some(d) = &dst
+            && matches!(d.backing, Backing::Dir(_))
+            && !is_opaque_dir(d)
+            && is_merged(&op)
         {
-            XattrTarget::Entry(nd, newname).set(&self.stack.names.name("opaque"), b"y", 0)?;
+            XattrTarget::Entry(nd, newname).set(&opaque, b"y", 0)?;
         }
         if !exchange
             && let Some(Resolved {
@@ -542,7 +588,7 @@ impl Overlay {
                 Err(e) => return Err(e.into()),
             }
             nix::fcntl::renameat(od, oldname, nd, newname)?;
-            return make_whiteout(od, oldname);
+            return self.place_whiteout(od, oldname);
         }
         Ok(nix::fcntl::renameat(od, oldname, nd, newname)?)
     }
@@ -818,6 +864,11 @@ impl Overlay {
         let (loc, _) = self.locate(&node)?;
         loc.xattr_target().remove(&stored)
     }
+}
+
+/// True for a directory whose top copy is opaque.
+fn is_opaque_dir(r: &Resolved) -> bool {
+    matches!(&r.backing, Backing::Dir(l) if l.first().is_some_and(|d| d.marks.opaque))
 }
 
 /// A kernel whiteout: a character device 0/0 with no permissions.
