@@ -113,6 +113,39 @@ impl Overlay {
                 );
             }
         }
+        let others: Vec<_> = state.aliases.iter().skip(1).cloned().collect();
+        drop(state);
+        if st.st_nlink > 1 && st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+            // Every name of a hard-linked file this mount knows stays a name of the one copy.
+            for alias in others {
+                if let Err(e) = self.link_up(&parent_upper, &name, &alias.parent, &alias.name) {
+                    debug!(name = ?alias.name, error = %e, "cannot link a hard link's other name");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `name` in `parent` (a lower name of a hard-linked file already copied up as
+    /// `copy_dir/copy_name`) another name of the upper copy.
+    pub(crate) fn link_up(
+        &self,
+        copy_dir: &Arc<OwnedFd>,
+        copy_name: &OsStr,
+        parent: &Arc<Node>,
+        name: &OsStr,
+    ) -> io::Result<()> {
+        let dir = self.upper_dir(parent)?;
+        let before = layer::stat_fd(fd_of(&dir))?;
+        nix::unistd::linkat(
+            fd_of(copy_dir),
+            copy_name,
+            fd_of(&dir),
+            name,
+            nix::fcntl::AtFlags::empty(),
+        )?;
+        self.mark_impure(fd_of(&dir));
+        restore_times(fd_of(&dir), None, &before);
         Ok(())
     }
 

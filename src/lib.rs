@@ -13,6 +13,7 @@ pub mod format;
 pub mod fuse;
 pub mod handles;
 pub mod layer;
+pub mod logging;
 pub mod lookup;
 pub mod node;
 pub mod overlay;

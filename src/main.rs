@@ -16,7 +16,7 @@ use rsfs_overlay::fuse::FuseAdapter;
 use rsfs_overlay::overlay::{Overlay, OverlayOptions};
 use rsfs_overlay::stack::Stack;
 use rsfs_overlay::workdir::WorkDir;
-use rsfs_overlay::{demo, preflight, sys};
+use rsfs_overlay::{demo, logging, preflight, sys};
 
 fn main() -> ExitCode {
     let is_root = nix::unistd::geteuid().is_root();
@@ -38,17 +38,6 @@ fn main() -> ExitCode {
 fn fail(e: &anyhow::Error) -> ExitCode {
     eprintln!("rsfs-overlay: {e:#}");
     ExitCode::FAILURE
-}
-
-fn init_logging(cfg: &Config) {
-    let default = if cfg.debug { "debug" } else { "warn" };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
 }
 
 /// Everything that can fail for a reason the user must fix happens here, before the fork.
@@ -75,7 +64,7 @@ fn mount_and_serve(mut cfg: Config) -> anyhow::Result<()> {
         cfg.read_only = true;
     }
     preflight::check(&cfg)?;
-    init_logging(&cfg);
+    logging::init(cfg.debug);
     for w in &cfg.warnings {
         warn!("{w}");
     }
@@ -114,8 +103,11 @@ fn mount_and_serve(mut cfg: Config) -> anyhow::Result<()> {
     let detach = !cfg.foreground;
     let served = daemon::serve(adapter, dev, &cfg, || {
         daemon::report(&mut report_to, Ok(()));
-        if detach && let Err(e) = daemon::detach_stdio() {
-            warn!(error = %e, "cannot detach from the terminal");
+        if detach {
+            logging::detach_to_syslog();
+            if let Err(e) = daemon::detach_stdio() {
+                warn!(error = %e, "cannot detach from the terminal");
+            }
         }
     });
     if let Err(e) = served {

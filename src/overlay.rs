@@ -159,9 +159,14 @@ impl Overlay {
         if let Some(origin) = &r.origin
             && let Some((layer, st)) = self.stack.find_origin(origin)
             && st.st_mode & libc::S_IFMT == r.stat.st_mode & libc::S_IFMT
-            && (st.st_mode & libc::S_IFMT == libc::S_IFDIR || st.st_nlink == 1)
         {
-            return self.stack.reported_ino(layer, st.st_ino);
+            let lower_ino = self.stack.reported_ino(layer, st.st_ino);
+            let known_copy = || self.nodes.get(lower_ino).is_some_and(|n| self.in_upper(&n));
+            // A hard-linked origin's number is kept only while this mount knows the object by
+            // it (its names then share the one upper copy).
+            if st.st_mode & libc::S_IFMT == libc::S_IFDIR || st.st_nlink == 1 || known_copy() {
+                return lower_ino;
+            }
         }
         if let Some((layer, ino)) = r.merge_origin {
             return self.stack.reported_ino(layer, ino);
@@ -193,7 +198,39 @@ impl Overlay {
         if resolved.origin.is_none() && resolved.merge_origin.is_some() {
             self.record_merge_origin(&layers, name, &resolved);
         }
+        if let Some(relinked) = self.join_copied_hard_link(&parent, name, &resolved) {
+            return Ok(self.remember(&parent, name, relinked));
+        }
         Ok(self.remember(&parent, name, resolved))
+    }
+
+    /// A lower name of a hard-linked file this mount already copied up (through another name)
+    /// becomes a name of that upper copy too, so all names keep showing one file.
+    fn join_copied_hard_link(
+        &self,
+        parent: &Arc<Node>,
+        name: &OsStr,
+        r: &Resolved,
+    ) -> Option<Resolved> {
+        let Backing::NonDir { layer } = r.backing else {
+            return None;
+        };
+        if self.stack.is_upper(layer) || r.stat.st_nlink < 2 {
+            return None;
+        }
+        let node = self.nodes.get(self.ino_of(r))?;
+        if !self.in_upper(&node) {
+            return None;
+        }
+        let (Location::Entry(dir, copy_name), _) = self.locate(&node).ok()? else {
+            return None;
+        };
+        if let Err(e) = self.link_up(&dir, &copy_name, parent, name) {
+            tracing::debug!(name = ?name, error = %e, "cannot join a copied-up hard link");
+            return None;
+        }
+        let layers = Self::dir_layers(parent).ok()?;
+        lookup::resolve(&self.stack, &layers, name).ok().flatten()
     }
 
     /// Records the first lower copy of a merged directory as the upper copy's origin, and
