@@ -18,12 +18,14 @@ use tracing::{debug, warn};
 
 use crate::attr::{Attr, Caller};
 use crate::overlay::Overlay;
+use crate::passthrough::{OpenMode, Passthrough};
 use crate::write::{SetAttr, TimeSet};
 
 /// Serves one `Overlay` to the kernel.
 #[derive(Debug)]
 pub struct FuseAdapter {
     overlay: Overlay,
+    passthrough: Passthrough,
     /// How long the kernel may cache names and attributes: we are the only writer of the
     /// merged view, so long timeouts are safe.
     ttl: Duration,
@@ -31,7 +33,11 @@ pub struct FuseAdapter {
 
 impl FuseAdapter {
     pub fn new(overlay: Overlay, ttl: Duration) -> FuseAdapter {
-        FuseAdapter { overlay, ttl }
+        FuseAdapter {
+            overlay,
+            passthrough: Passthrough::default(),
+            ttl,
+        }
     }
 }
 
@@ -134,6 +140,25 @@ fn time_set(t: Option<TimeOrNow>) -> TimeSet {
 }
 
 impl FuseAdapter {
+    /// How the handle `fh` just opened on `ino` is served (see `passthrough`).
+    fn open_mode(
+        &self,
+        ino: u64,
+        fh: u64,
+        register: impl FnOnce(&std::fs::File) -> io::Result<fuser::BackingId>,
+    ) -> OpenMode {
+        if !self.passthrough.is_enabled() {
+            return OpenMode::Cached;
+        }
+        self.overlay
+            .with_file(ino, fh, |file, in_upper| {
+                Ok(self
+                    .passthrough
+                    .open_mode(ino, fh, in_upper, || register(file)))
+            })
+            .unwrap_or(OpenMode::Cached)
+    }
+
     fn reply_entry(&self, op: &'static str, ino: u64, res: io::Result<Attr>, reply: ReplyEntry) {
         log_result(op, ino, &res);
         match res {
@@ -181,6 +206,17 @@ impl Filesystem for FuseAdapter {
             if let Err(missing) = config.add_capabilities(flag) {
                 debug!(?missing, "capability not offered by the kernel");
             }
+        }
+        // Passthrough stacks us one level above the layers' filesystems.
+        let depth = if self.overlay.stack().layers_on_stacked_fs() {
+            2
+        } else {
+            1
+        };
+        if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(depth).is_ok()
+        {
+            self.passthrough.enable();
         }
         Ok(())
     }
@@ -355,17 +391,17 @@ impl Filesystem for FuseAdapter {
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let res = self.overlay.open(ino.0, flags.0, &caller(req));
         log_result("open", ino.0, &res);
-        match res {
-            Ok((fh, lower)) => {
-                // A lower file cannot change under us: its page cache stays valid across opens.
-                let flags = if lower {
-                    FopenFlags::FOPEN_KEEP_CACHE
-                } else {
-                    FopenFlags::empty()
-                };
-                reply.opened(FileHandle(fh), flags)
+        let (fh, lower) = match res {
+            Ok(opened) => opened,
+            Err(e) => return reply.error(to_errno("open", &e)),
+        };
+        match self.open_mode(ino.0, fh, |file| reply.open_backing(file)) {
+            OpenMode::Passthrough(id) => {
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id)
             }
-            Err(e) => reply.error(to_errno("open", &e)),
+            // A lower file cannot change under us: its page cache stays valid across opens.
+            OpenMode::Cached if lower => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            OpenMode::Cached => reply.opened(FileHandle(fh), FopenFlags::empty()),
         }
     }
 
@@ -433,6 +469,7 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.passthrough.release(fh.0);
         let res = self.overlay.release(ino.0, fh.0);
         Self::reply_empty("release", ino.0, res, reply);
     }
@@ -626,15 +663,24 @@ impl Filesystem for FuseAdapter {
             .overlay
             .create(parent.0, name, mode, umask, flags, &caller(req));
         log_result("create", parent.0, &res);
-        match res {
-            Ok((attr, fh)) => reply.created(
+        let (attr, fh) = match res {
+            Ok(created) => created,
+            Err(e) => return reply.error(to_errno("create", &e)),
+        };
+        let fattr = file_attr(&attr);
+        let (fh, generation) = (FileHandle(fh), Generation(0));
+        match self.open_mode(attr.ino, fh.0, |file| reply.open_backing(file)) {
+            OpenMode::Passthrough(id) => reply.created_passthrough(
                 &self.ttl,
-                &file_attr(&attr),
-                Generation(0),
-                FileHandle(fh),
+                &fattr,
+                generation,
+                fh,
                 FopenFlags::empty(),
+                &id,
             ),
-            Err(e) => reply.error(to_errno("create", &e)),
+            OpenMode::Cached => {
+                reply.created(&self.ttl, &fattr, generation, fh, FopenFlags::empty())
+            }
         }
     }
 

@@ -17,6 +17,7 @@ pub mod logging;
 pub mod lookup;
 pub mod node;
 pub mod overlay;
+pub mod passthrough;
 pub mod preflight;
 pub mod readdir;
 pub mod stack;

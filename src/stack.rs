@@ -149,4 +149,17 @@ impl Stack {
         }
         None
     }
+
+    /// True when a layer lives on a stacking filesystem (overlayfs, ecryptfs): FUSE passthrough
+    /// must then allow one more level of stacking.
+    pub fn layers_on_stacked_fs(&self) -> bool {
+        const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
+        const ECRYPTFS_SUPER_MAGIC: i64 = 0xf15f;
+        self.layers.iter().any(|l| {
+            nix::sys::statfs::fstatfs(&l.root).is_ok_and(|s| {
+                let t = s.filesystem_type().0;
+                t == OVERLAYFS_SUPER_MAGIC || t == ECRYPTFS_SUPER_MAGIC
+            })
+        })
+    }
 }

@@ -702,7 +702,7 @@ impl Overlay {
         Ok((fh, false))
     }
 
-    fn with_file<T>(
+    pub fn with_file<T>(
         &self,
         ino: Ino,
         fh: u64,
