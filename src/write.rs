@@ -159,8 +159,18 @@ impl Overlay {
         if Self::upper_has_entry(dir, name)? {
             let work = self.work()?;
             let tmp = work.temp_name();
+            // Built outside its parent, a directory does not inherit a setgid parent's bit by
+            // itself: give it as the parent's filesystem would have.
+            let inherit_sgid = is_dir && parent_st.st_mode & libc::S_ISGID != 0;
             let built = make(work.fd(), &tmp)
                 .and_then(|()| give_to(work.fd(), &tmp, caller.uid, gid))
+                .and_then(|()| {
+                    if inherit_sgid {
+                        add_mode_bits(work.fd(), &tmp, libc::S_ISGID)
+                    } else {
+                        Ok(())
+                    }
+                })
                 .and_then(|()| {
                     if is_dir {
                         XattrTarget::Entry(work.fd(), &tmp).set(
@@ -864,6 +874,17 @@ impl Overlay {
         let (loc, _) = self.locate(&node)?;
         loc.xattr_target().remove(&stored)
     }
+}
+
+/// Adds permission bits to an entry's mode.
+fn add_mode_bits(dir: BorrowedFd<'_>, name: &OsStr, bits: u32) -> io::Result<()> {
+    let st = layer::stat_at(dir, name)?;
+    Ok(nix::sys::stat::fchmodat(
+        dir,
+        name,
+        Mode::from_bits_truncate((st.st_mode | bits) & 0o7777),
+        nix::sys::stat::FchmodatFlags::FollowSymlink,
+    )?)
 }
 
 /// True for a directory whose top copy is opaque.
