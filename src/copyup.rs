@@ -115,6 +115,10 @@ impl Overlay {
         }
         let others: Vec<_> = state.aliases.iter().skip(1).cloned().collect();
         drop(state);
+        // The copy has a new ctime (a merged directory also a new link count) and its parent
+        // a new entry: neither change went through the kernel.
+        self.attrs_changed(node.ino);
+        self.attrs_changed(parent.ino);
         if st.st_nlink > 1 && st.st_mode & libc::S_IFMT != libc::S_IFDIR {
             // Every name of a hard-linked file this mount knows stays a name of the one copy.
             for alias in others {

@@ -5,6 +5,7 @@
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use nix::fcntl::OFlag;
@@ -75,7 +76,16 @@ pub fn serve(
     let mut fuse_cfg = fuser::Config::default();
     fuse_cfg.n_threads = Some(cfg.threads.unwrap_or_else(default_threads));
     fuse_cfg.clone_fd = true;
+    let notifier_slot: Arc<OnceLock<fuser::Notifier>> = Arc::new(OnceLock::new());
+    let slot = notifier_slot.clone();
+    adapter.overlay().set_attr_invalidator(Box::new(move |ino| {
+        if let Some(n) = slot.get() {
+            // Attributes only (offset -1): the kernel takes no lock that a request holds.
+            let _ = n.inval_inode(fuser::INodeNo(ino), -1, 0);
+        }
+    }));
     let session = fuser::Session::from_fd(adapter, dev, acl, fuse_cfg)?;
+    let _ = notifier_slot.set(session.notifier());
     install_signal_handlers(cfg.mountpoint.clone())?;
     info!(mountpoint = %cfg.mountpoint.display(), "mounted");
     ready();

@@ -32,6 +32,10 @@ pub struct FuseAdapter {
 }
 
 impl FuseAdapter {
+    pub fn overlay(&self) -> &Overlay {
+        &self.overlay
+    }
+
     pub fn new(overlay: Overlay, ttl: Duration) -> FuseAdapter {
         FuseAdapter {
             overlay,

@@ -77,6 +77,14 @@ impl Handles {
         }
     }
 
+    /// Some open file of node `ino` (to reach an object that lost its last name).
+    pub fn any_file_of(&self, ino: Ino) -> Option<File> {
+        self.map.read().values().find_map(|h| match &**h {
+            Handle::File { ino: i, file, .. } if *i == ino => file.try_clone().ok(),
+            _ => None,
+        })
+    }
+
     pub fn len(&self) -> usize {
         self.map.read().len()
     }

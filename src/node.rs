@@ -53,6 +53,8 @@ pub struct NodeState {
     pub aliases: Vec<Alias>,
     /// `S_IFMT` bits of the object.
     pub file_type: u32,
+    /// The last name removed (unlinked or renamed away), for objects that lost every name.
+    pub last_removed: Option<Alias>,
 }
 
 #[derive(Debug)]
@@ -125,8 +127,19 @@ impl NodeState {
     }
 
     pub fn remove_alias(&mut self, parent: Ino, name: &OsStr) {
-        self.aliases
-            .retain(|a| !(a.parent.ino == parent && a.name == name));
+        if let Some(pos) = self
+            .aliases
+            .iter()
+            .position(|a| a.parent.ino == parent && a.name == name)
+        {
+            self.last_removed = Some(self.aliases.remove(pos));
+        }
+    }
+
+    /// Where a removed object was last known: still open files of it are served through
+    /// their own fds, and a lower object is still there under its lower name.
+    pub fn last_removed(&self) -> Option<&Alias> {
+        self.last_removed.as_ref()
     }
 }
 

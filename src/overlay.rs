@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use nix::fcntl::OFlag;
 use nix::sys::stat::FileStat;
@@ -55,16 +55,28 @@ impl Location {
     }
 }
 
-#[derive(Debug)]
 pub struct Overlay {
     pub(crate) stack: Stack,
     pub(crate) nodes: NodeTable,
     pub(crate) handles: Handles,
     pub(crate) opts: OverlayOptions,
-    /// The inode number `stat` reports for the root (the top layer's root, as the kernel),
-    /// which differs from the root's fixed FUSE node id.
-    root_st_ino: Ino,
+    /// Tells the kernel that a node's cached attributes are stale: set by the adapter once
+    /// the session runs. Copy-up changes objects (and their parents) behind the kernel's back.
+    invalidator: OnceLock<AttrInvalidator>,
 }
+
+impl std::fmt::Debug for Overlay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Overlay")
+            .field("layers", &self.stack.layers.len())
+            .field("nodes", &self.nodes.len())
+            .field("handles", &self.handles.len())
+            .finish()
+    }
+}
+
+/// A callback that makes the kernel drop a node's cached attributes.
+pub type AttrInvalidator = Box<dyn Fn(Ino) + Send + Sync>;
 
 impl Overlay {
     pub fn new(stack: Stack, opts: OverlayOptions) -> io::Result<Overlay> {
@@ -81,9 +93,6 @@ impl Overlay {
         if !opts.read_only {
             init_uuid(&stack);
         }
-        let top = stack.layers.first().ok_or_else(|| errno(libc::EINVAL))?;
-        let root_st_ino =
-            stack.reported_ino(top.id, layer::stat_fd(layer::borrow(&top.root))?.st_ino);
         let nodes = NodeTable::default();
         nodes.insert_root(Node::new(
             ROOT_INO,
@@ -91,6 +100,7 @@ impl Overlay {
                 backing: Backing::Dir(roots),
                 aliases: Vec::new(),
                 file_type: libc::S_IFDIR,
+                last_removed: None,
             },
         ));
         Ok(Overlay {
@@ -98,12 +108,24 @@ impl Overlay {
             nodes,
             handles: Handles::default(),
             opts,
-            root_st_ino,
+            invalidator: OnceLock::new(),
         })
     }
 
     pub fn stack(&self) -> &Stack {
         &self.stack
+    }
+
+    /// Installs the callback that invalidates the kernel's cached attributes of a node.
+    pub fn set_attr_invalidator(&self, f: AttrInvalidator) {
+        let _ = self.invalidator.set(f);
+    }
+
+    /// The kernel's cached attributes of `ino` are stale (we changed the object ourselves).
+    pub(crate) fn attrs_changed(&self, ino: Ino) {
+        if let Some(f) = self.invalidator.get() {
+            f(ino);
+        }
     }
 
     pub(crate) fn node(&self, ino: Ino) -> io::Result<Arc<Node>> {
@@ -127,7 +149,10 @@ impl Overlay {
                 Ok((Location::Dir(top.fd.clone()), top.layer))
             }
             Backing::NonDir { layer } => {
-                let alias = st.primary_alias().ok_or_else(|| errno(libc::ESTALE))?;
+                let alias = st
+                    .primary_alias()
+                    .or(st.last_removed())
+                    .ok_or_else(|| errno(libc::ESTALE))?;
                 let dir = alias
                     .parent
                     .dir_fd(*layer)
@@ -140,16 +165,7 @@ impl Overlay {
     /// The attributes reported for `node` given the `lstat` of its top-most copy.
     pub(crate) fn attr_of(&self, node: &Node, st: &FileStat) -> Attr {
         let merged = matches!(&node.state().backing, Backing::Dir(l) if l.len() > 1);
-        Attr::from_stat(st, self.st_ino(node.ino), merged)
-    }
-
-    /// The inode number `stat` reports for the node `ino`.
-    pub fn st_ino(&self, ino: Ino) -> Ino {
-        if ino == ROOT_INO {
-            self.root_st_ino
-        } else {
-            ino
-        }
+        Attr::from_stat(st, node.ino, merged)
     }
 
     /// The inode number reported for a resolved object: a copied-up object keeps its lower
@@ -184,6 +200,7 @@ impl Overlay {
                 backing: r.backing,
                 aliases: Vec::new(),
                 file_type: r.stat.st_mode & libc::S_IFMT,
+                last_removed: None,
             },
         );
         self.nodes.remember(node, parent, name);
@@ -195,8 +212,17 @@ impl Overlay {
         let layers = Self::dir_layers(&parent)?;
         let resolved =
             lookup::resolve(&self.stack, &layers, name)?.ok_or_else(|| errno(libc::ENOENT))?;
+        let mut resolved = resolved;
         if resolved.origin.is_none() && resolved.merge_origin.is_some() {
             self.record_merge_origin(&layers, name, &resolved);
+            // Recording changed the directory's ctime (and maybe its blocks) and its parent's.
+            if let Backing::Dir(l) = &resolved.backing
+                && let Some(top) = l.first()
+                && let Ok(st) = layer::stat_fd(fd_of(&top.fd))
+            {
+                resolved.stat = st;
+            }
+            self.attrs_changed(parent.ino);
         }
         if let Some(relinked) = self.join_copied_hard_link(&parent, name, &resolved) {
             return Ok(self.remember(&parent, name, relinked));
@@ -268,8 +294,18 @@ impl Overlay {
             let st = nix::sys::stat::fstat(file)?;
             return Ok(self.attr_of(&node, &st));
         }
+        let removed = node.state().aliases.is_empty() && node.ino != ROOT_INO;
+        if removed && let Some(file) = self.handles.any_file_of(ino) {
+            // Removed while open (fstat sends no handle): its open files still reach it.
+            let st = nix::sys::stat::fstat(&file)?;
+            return Ok(self.attr_of(&node, &st));
+        }
         let (loc, _) = self.locate(&node)?;
         let st = loc.stat()?;
+        if st.st_mode & libc::S_IFMT != node.state().file_type {
+            // Its last name now holds something else (a whiteout): the object is gone.
+            return Err(errno(libc::ENOENT));
+        }
         Ok(self.attr_of(&node, &st))
     }
 
@@ -335,8 +371,7 @@ impl Overlay {
             .state()
             .primary_alias()
             .map_or(ROOT_INO, |a| a.parent.ino);
-        let entries =
-            readdir::merged_listing(&self.stack, &layers, self.st_ino(ino), self.st_ino(dotdot))?;
+        let entries = readdir::merged_listing(&self.stack, &layers, ino, dotdot)?;
         Ok(self.handles.insert(Handle::Dir {
             ino,
             entries: Arc::new(entries),

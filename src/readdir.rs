@@ -34,6 +34,23 @@ pub fn merged_listing(
     dot: Ino,
     dotdot: Ino,
 ) -> io::Result<Vec<DirEntry>> {
+    listing(stack, layers, dot, dotdot, false)
+}
+
+/// True when the merged directory made of `layers` may be removed (or replaced by a rename).
+/// As the kernel's emptiness check, an xattr whiteout in a lower layer counts as an entry:
+/// only char 0/0 whiteouts leave a directory empty.
+pub fn is_empty_for_removal(stack: &Stack, layers: &[DirLayer]) -> io::Result<bool> {
+    Ok(listing(stack, layers, 0, 0, true)?.len() <= 2)
+}
+
+fn listing(
+    stack: &Stack,
+    layers: &[DirLayer],
+    dot: Ino,
+    dotdot: Ino,
+    xwhiteouts_are_entries: bool,
+) -> io::Result<Vec<DirEntry>> {
     let mut entries = vec![
         DirEntry {
             ino: dot,
@@ -79,7 +96,10 @@ pub fn merged_listing(
                     Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
                     Err(e) => return Err(e),
                 };
-                if lookup::is_whiteout(stack, dl, name, &st) {
+                let counts = xwhiteouts_are_entries
+                    && !format::is_char_whiteout(&st)
+                    && !stack.is_upper(dl.layer);
+                if !counts && lookup::is_whiteout(stack, dl, name, &st) {
                     seen.insert(name.to_os_string());
                     continue;
                 }

@@ -404,7 +404,7 @@ impl Overlay {
         let Backing::Dir(layers) = &r.backing else {
             return Err(errno(libc::ENOTDIR));
         };
-        if readdir::merged_listing(&self.stack, layers, 0, 0)?.len() > 2 {
+        if !readdir::is_empty_for_removal(&self.stack, layers)? {
             return Err(errno(libc::ENOTEMPTY));
         }
         self.remove_entry(&parent, name, &r)
@@ -487,7 +487,7 @@ impl Overlay {
             } else if !dst_is_dir && src_is_dir {
                 return Err(errno(libc::ENOTDIR));
             } else if let Backing::Dir(layers) = &d.backing
-                && readdir::merged_listing(&self.stack, layers, 0, 0)?.len() > 2
+                && !readdir::is_empty_for_removal(&self.stack, layers)?
             {
                 return Err(errno(libc::ENOTEMPTY));
             }
@@ -544,6 +544,13 @@ impl Overlay {
             old_needs_whiteout,
             src_is_dir,
         )?;
+        // A directory that now holds an object with an origin record is impure.
+        if self.has_origin(XattrTarget::Entry(nd, newname)) {
+            self.mark_impure(nd);
+        }
+        if exchange && self.has_origin(XattrTarget::Entry(od, oldname)) {
+            self.mark_impure(od);
+        }
         {
             let mut st = src_node.state_mut();
             st.remove_alias(op.ino, oldname);
@@ -613,6 +620,13 @@ impl Overlay {
         let _ = caller;
         self.work()?;
         let node = self.node(ino)?;
+        if self.in_upper(&node)
+            && node.state().aliases.is_empty()
+            && let Some(file) = self.handles.any_file_of(ino)
+        {
+            // Unlinked while open: only its open files reach it.
+            return self.setattr_open_file(&node, &file, set);
+        }
         let data = if set.size == Some(0) {
             CopyData::MetadataOnly
         } else {
@@ -664,6 +678,23 @@ impl Overlay {
         }
         let st = loc.stat()?;
         Ok(self.attr_of(&node, &st))
+    }
+
+    fn setattr_open_file(&self, node: &Node, file: &File, set: &SetAttr) -> io::Result<Attr> {
+        if set.uid.is_some() || set.gid.is_some() {
+            nix::unistd::fchown(file, set.uid.map(Uid::from_raw), set.gid.map(Gid::from_raw))?;
+        }
+        if let Some(mode) = set.mode {
+            nix::sys::stat::fchmod(file, Mode::from_bits_truncate(mode & 0o7777))?;
+        }
+        if let Some(size) = set.size {
+            file.set_len(size)?;
+        }
+        if set.atime != TimeSet::Omit || set.mtime != TimeSet::Omit {
+            nix::sys::stat::futimens(file, &set.atime.timespec(), &set.mtime.timespec())?;
+        }
+        let st = nix::sys::stat::fstat(file)?;
+        Ok(self.attr_of(node, &st))
     }
 
     fn truncate(&self, node: &Node, fh: Option<u64>, loc: &Location, size: u64) -> io::Result<()> {

@@ -483,7 +483,11 @@ impl CompareOpts {
     }
 
     pub fn skips(&self, path: &str, field: &'static str) -> bool {
-        self.skip.contains(field) || self.skip_at.contains(&(path.to_string(), field))
+        // The mount root's inode number is FUSE's root node id (1) for ours, a documented
+        // difference (README): the kernel keeps it as the root inode's number.
+        (path == "/" && field == "ino")
+            || self.skip.contains(field)
+            || self.skip_at.contains(&(path.to_string(), field))
     }
 }
 
