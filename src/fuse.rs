@@ -246,15 +246,8 @@ impl Filesystem for FuseAdapter {
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         let res = self.overlay.getattr(ino.0, fh.map(|f| f.0));
         log_result("getattr", ino.0, &res);
-        // The kernel would report the root's cached node id (1) as its inode number; never
-        // caching the root's attributes makes every stat show the layer root's number instead.
-        let ttl = if ino.0 == crate::node::ROOT_INO {
-            Duration::ZERO
-        } else {
-            self.ttl
-        };
         match res {
-            Ok(attr) => reply.attr(&ttl, &file_attr(&attr)),
+            Ok(attr) => reply.attr(&self.ttl, &file_attr(&attr)),
             Err(e) => reply.error(to_errno("getattr", &e)),
         }
     }
