@@ -84,10 +84,16 @@ fn mount_and_serve(mut cfg: Config) -> anyhow::Result<()> {
         let pipe = StartupPipe::new().context("cannot create a pipe")?;
         match sys::fork().context("cannot fork the daemon")? {
             Some(_child) => {
-                return match pipe.wait() {
-                    Ok(()) => Ok(()),
-                    Err(msg) => bail!(msg),
+                // Exit without running destructors: the daemon shares our open files, and
+                // dropping them here would release its locks on the upper and workdir.
+                let code = match pipe.wait() {
+                    Ok(()) => 0,
+                    Err(msg) => {
+                        eprintln!("rsfs-overlay: {msg}");
+                        1
+                    }
                 };
+                std::process::exit(code);
             }
             None => report_to = Some(pipe.into_writer()),
         }

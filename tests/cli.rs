@@ -482,3 +482,35 @@ fn help_flag_lists_layer_options() {
         }
     }
 }
+
+#[test]
+fn refuses_a_second_mount_of_a_live_upper() {
+    if !common::require_fuse() {
+        return;
+    }
+    let (sc, l, _m, u, w) = setup();
+    let first = common::mount_ours(&[&l], Some((&u, &w)), &[]);
+    let m2 = sc.dir("m2");
+    let a = args(
+        format!("lowerdir={},upperdir={},workdir={}", s(&l), s(&u), s(&w)),
+        &m2,
+    );
+    let out = run_with_timeout(&our_bin(), &a, timeout());
+    let second_mounted = mount_at(&m2).is_some();
+    if second_mounted {
+        force_unmount(&m2);
+    }
+    assert!(!second_mounted, "a second mount of the same upper was made");
+    assert!(
+        matches!(out.status, Some(st) if !st.success()),
+        "exit: {:?}",
+        out.status
+    );
+    let err = out.stderr.trim_end();
+    assert_eq!(err.lines().count(), 1, "stderr: {err:?}");
+    assert!(err.contains("already in use"), "stderr: {err:?}");
+    // The first mount is untouched and still serves its files.
+    let hello =
+        std::fs::read_to_string(first.path().join("hello")).expect("read through the first mount");
+    assert_eq!(hello, "world");
+}
