@@ -121,11 +121,17 @@ impl Overlay {
         self.attrs_changed(parent.ino);
         if st.st_nlink > 1 && st.st_mode & libc::S_IFMT != libc::S_IFDIR {
             // Every name of a hard-linked file this mount knows stays a name of the one copy.
+            let mut linked = 1;
             for alias in others {
-                if let Err(e) = self.link_up(&parent_upper, &name, &alias.parent, &alias.name) {
-                    debug!(name = ?alias.name, error = %e, "cannot link a hard link's other name");
+                match self.link_up(&parent_upper, &name, &alias.parent, &alias.name) {
+                    Ok(()) => linked += 1,
+                    Err(e) => {
+                        debug!(name = ?alias.name, error = %e, "cannot link a hard link's other name")
+                    }
                 }
             }
+            // The names not met yet keep counting until they join the copy on lookup.
+            node.state_mut().pending_links = st.st_nlink.saturating_sub(linked);
         }
         Ok(())
     }

@@ -277,6 +277,13 @@ impl Filesystem for FuseAdapter {
             size,
             atime: time_set(atime),
             mtime: time_set(mtime),
+            // The kernel sends chown(-1, -1) as a setattr with nothing in it (and no ctime).
+            ctime_only: mode.is_none()
+                && uid.is_none()
+                && gid.is_none()
+                && size.is_none()
+                && atime.is_none()
+                && mtime.is_none(),
         };
         let res = self
             .overlay

@@ -55,6 +55,9 @@ pub struct NodeState {
     pub file_type: u32,
     /// The last name removed (unlinked or renamed away), for objects that lost every name.
     pub last_removed: Option<Alias>,
+    /// Names of a copied-up hard-linked lower file that still live only in the lower (not yet
+    /// linked to the upper copy): they count in the link count the object reports.
+    pub pending_links: u64,
 }
 
 #[derive(Debug)]

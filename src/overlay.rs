@@ -101,6 +101,7 @@ impl Overlay {
                 aliases: Vec::new(),
                 file_type: libc::S_IFDIR,
                 last_removed: None,
+                pending_links: 0,
             },
         ));
         Ok(Overlay {
@@ -164,8 +165,11 @@ impl Overlay {
 
     /// The attributes reported for `node` given the `lstat` of its top-most copy.
     pub(crate) fn attr_of(&self, node: &Node, st: &FileStat) -> Attr {
-        let merged = matches!(&node.state().backing, Backing::Dir(l) if l.len() > 1);
-        Attr::from_stat(st, node.ino, merged)
+        let state = node.state();
+        let merged = matches!(&state.backing, Backing::Dir(l) if l.len() > 1);
+        let mut attr = Attr::from_stat(st, node.ino, merged);
+        attr.nlink += state.pending_links;
+        attr
     }
 
     /// The inode number reported for a resolved object: a copied-up object keeps its lower
@@ -201,6 +205,7 @@ impl Overlay {
                 aliases: Vec::new(),
                 file_type: r.stat.st_mode & libc::S_IFMT,
                 last_removed: None,
+                pending_links: 0,
             },
         );
         self.nodes.remember(node, parent, name);
@@ -254,6 +259,10 @@ impl Overlay {
         if let Err(e) = self.link_up(&dir, &copy_name, parent, name) {
             tracing::debug!(name = ?name, error = %e, "cannot join a copied-up hard link");
             return None;
+        }
+        {
+            let mut state = node.state_mut();
+            state.pending_links = state.pending_links.saturating_sub(1);
         }
         let layers = Self::dir_layers(parent).ok()?;
         lookup::resolve(&self.stack, &layers, name).ok().flatten()

@@ -60,6 +60,8 @@ pub struct SetAttr {
     pub size: Option<u64>,
     pub atime: TimeSet,
     pub mtime: TimeSet,
+    /// Only the change time is to be set (a `chown(-1, -1)`, which still counts as a change).
+    pub ctime_only: bool,
 }
 
 const RENAME_NOREPLACE: u32 = libc::RENAME_NOREPLACE;
@@ -431,6 +433,11 @@ impl Overlay {
             self.place_whiteout(dir, name)?;
         }
         if let Some(node) = self.nodes.get(self.ino_of(r)) {
+            if !self.stack.is_upper(r.top) {
+                // A lower name of a copied-up hard link that never joined the copy is gone.
+                let mut state = node.state_mut();
+                state.pending_links = state.pending_links.saturating_sub(1);
+            }
             node.state_mut().remove_alias(parent.ino, name);
         }
         Ok(())
@@ -639,7 +646,7 @@ impl Overlay {
             Location::Dir(fd) => (fd_of(fd), None),
             Location::Entry(d, n) => (fd_of(d), Some(n.as_os_str())),
         };
-        if set.uid.is_some() || set.gid.is_some() {
+        if set.uid.is_some() || set.gid.is_some() || set.ctime_only {
             let uid = set.uid.map(Uid::from_raw);
             let gid = set.gid.map(Gid::from_raw);
             match name {
