@@ -97,6 +97,11 @@ impl Overlay {
         }
         restore_times(fd_of(&parent_upper), None, &parent_times);
         debug!(ino = node.ino, name = ?name, "copied up");
+        crate::stats::copied_up(if data == CopyData::All {
+            st.st_size as u64
+        } else {
+            0
+        });
         let mut state = node.state_mut();
         match &mut state.backing {
             Backing::NonDir { layer } => *layer = UPPER,

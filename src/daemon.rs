@@ -98,14 +98,20 @@ fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
-/// SIGTERM, SIGINT and SIGHUP unmount and end the daemon with exit status 0.
+/// SIGTERM, SIGINT and SIGHUP unmount and end the daemon with exit status 0; SIGUSR1 logs
+/// the statistics.
 fn install_signal_handlers(mountpoint: PathBuf) -> io::Result<()> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1])?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
+            for sig in signals.forever() {
+                if sig == SIGUSR1 {
+                    // Statistics at warn level, so the default filter lets them through.
+                    warn!("statistics: {}", crate::stats::summary());
+                    continue;
+                }
                 info!(signal = sig, "unmounting on signal");
                 if let Err(e) = unmount(&mountpoint) {
                     warn!(error = %e, "unmount on signal failed");

@@ -66,6 +66,7 @@ fn to_errno(op: &str, e: &io::Error) -> Errno {
 }
 
 fn log_result<T>(op: &'static str, ino: u64, res: &io::Result<T>) {
+    crate::stats::request(op, res.is_err());
     if let Err(e) = res {
         debug!(op, ino, err = %e, "failed");
     } else {
@@ -421,8 +422,12 @@ impl Filesystem for FuseAdapter {
         reply: ReplyData,
     ) {
         let res = self.overlay.read(ino.0, fh.0, offset, size);
+        crate::stats::request("read", res.is_err());
         match res {
-            Ok(data) => reply.data(&data),
+            Ok(data) => {
+                crate::stats::read(data.len() as u64);
+                reply.data(&data)
+            }
             Err(e) => {
                 debug!(op = "read", ino = ino.0, err = %e, "failed");
                 reply.error(to_errno("read", &e))
@@ -442,8 +447,13 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.overlay.write(ino.0, fh.0, offset, data) {
-            Ok(n) => reply.written(n as u32),
+        let res = self.overlay.write(ino.0, fh.0, offset, data);
+        crate::stats::request("write", res.is_err());
+        match res {
+            Ok(n) => {
+                crate::stats::written(n as u64);
+                reply.written(n as u32)
+            }
             Err(e) => {
                 debug!(op = "write", ino = ino.0, err = %e, "failed");
                 reply.error(to_errno("write", &e))

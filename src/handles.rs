@@ -57,6 +57,7 @@ impl Handles {
     pub fn insert(&self, handle: Handle) -> u64 {
         let fh = self.next.fetch_add(1, Ordering::Relaxed);
         self.map.write().insert(fh, Arc::new(handle));
+        crate::stats::handles_changed(1);
         fh
     }
 
@@ -72,7 +73,10 @@ impl Handles {
     pub fn remove(&self, ino: Ino, fh: u64) -> io::Result<Arc<Handle>> {
         let mut map = self.map.write();
         match map.get(&fh) {
-            Some(h) if h.ino() == ino => map.remove(&fh).ok_or_else(ebadf),
+            Some(h) if h.ino() == ino => {
+                crate::stats::handles_changed(-1);
+                map.remove(&fh).ok_or_else(ebadf)
+            }
             _ => Err(ebadf()),
         }
     }

@@ -21,6 +21,7 @@ pub mod passthrough;
 pub mod preflight;
 pub mod readdir;
 pub mod stack;
+pub mod stats;
 pub mod sys;
 pub mod workdir;
 pub mod write;

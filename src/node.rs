@@ -188,6 +188,7 @@ impl NodeTable {
                 fresh.state.write().add_alias(parent, name);
                 let node = Arc::new(fresh);
                 nodes.insert(node.ino, node.clone());
+                crate::stats::nodes_changed(1);
                 node
             }
         };
@@ -208,6 +209,7 @@ impl NodeTable {
                 .store(prev.saturating_sub(count), Ordering::Relaxed);
             if prev <= count {
                 nodes.remove(&ino);
+                crate::stats::nodes_changed(-1);
             }
         }
     }
