@@ -108,14 +108,7 @@ impl Overlay {
             Backing::Dir(layers) => {
                 let fd = layer::open_dir_at(fd_of(&parent_upper), &name)?;
                 let marks = lookup::read_dir_marks(&self.stack, false, &fd);
-                layers.insert(
-                    0,
-                    DirLayer {
-                        layer: UPPER,
-                        fd: Arc::new(fd),
-                        marks,
-                    },
-                );
+                layers.insert(0, DirLayer::new(UPPER, fd, marks));
             }
         }
         let others: Vec<_> = state.aliases.iter().skip(1).cloned().collect();

@@ -5,7 +5,6 @@
 use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::Arc;
 
 use nix::sys::stat::FileStat;
 
@@ -119,11 +118,7 @@ pub fn resolve(stack: &Stack, parent: &[DirLayer], name: &OsStr) -> io::Result<O
         } else {
             read_redirect(stack, XattrTarget::Dir(layer::borrow(&fd)))
         };
-        dirs.push(DirLayer {
-            layer: dl.layer,
-            fd: Arc::new(fd),
-            marks,
-        });
+        dirs.push(DirLayer::new(dl.layer, fd, marks));
         match &top {
             None => top = Some((st, dl.layer)),
             Some((_, t)) if merge_origin.is_none() && is_lower && stack.is_upper(*t) => {
@@ -217,11 +212,7 @@ fn walk_to_parent(
         fd = layer::open_dir_at(layer::borrow(&fd), comp)?;
     }
     let marks = read_dir_marks(stack, !l.is_upper, &fd);
-    Ok(Some(DirLayer {
-        layer,
-        fd: Arc::new(fd),
-        marks,
-    }))
+    Ok(Some(DirLayer::new(layer, fd, marks)))
 }
 
 /// The opaque and xattr-whiteout marks of one layer's copy of a directory, including the OCI
@@ -242,6 +233,9 @@ pub fn read_dir_marks(stack: &Stack, is_lower: bool, fd: &std::os::fd::OwnedFd) 
 }
 
 fn has_oci_whiteout(dl: &DirLayer, name: &OsStr) -> io::Result<bool> {
+    if !holds_oci_markers(dl)? {
+        return Ok(false);
+    }
     let wh = format::oci_whiteout_name(name);
     match layer::stat_at(fd_of(&dl.fd), OsStr::from_bytes(&wh)) {
         Ok(_) => Ok(true),
@@ -275,4 +269,20 @@ fn read_origin(stack: &Stack, target: XattrTarget<'_>) -> Option<Origin> {
         Ok(Some(v)) => Origin::decode(&v),
         _ => None,
     }
+}
+
+/// Whether a lower directory copy holds any OCI marker, listing it once per copy.
+fn holds_oci_markers(dl: &DirLayer) -> io::Result<bool> {
+    if let Some(known) = dl.oci_markers.get() {
+        return Ok(*known);
+    }
+    let mut dir = nix::dir::Dir::from_fd(layer::reopen_dir(fd_of(&dl.fd))?)?;
+    let mut found = false;
+    for entry in dir.iter() {
+        if format::is_oci_marker(entry?.file_name().to_bytes()) {
+            found = true;
+            break;
+        }
+    }
+    Ok(*dl.oci_markers.get_or_init(|| found))
 }

@@ -7,8 +7,8 @@
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -26,6 +26,20 @@ pub struct DirLayer {
     pub layer: LayerId,
     pub fd: Arc<OwnedFd>,
     pub marks: DirMarks,
+    /// Whether this copy holds any OCI `.wh.` marker, found by listing it once when first
+    /// needed: a lower without any spares every missing name a second lookup.
+    pub oci_markers: Arc<OnceLock<bool>>,
+}
+
+impl DirLayer {
+    pub fn new(layer: LayerId, fd: OwnedFd, marks: DirMarks) -> DirLayer {
+        DirLayer {
+            layer,
+            fd: Arc::new(fd),
+            marks,
+            oci_markers: Arc::new(OnceLock::new()),
+        }
+    }
 }
 
 /// Where an object's content lives.

@@ -84,11 +84,7 @@ impl Overlay {
         for l in &stack.layers {
             let fd = l.root.try_clone()?;
             let marks = lookup::read_dir_marks(&stack, !l.is_upper, &fd);
-            roots.push(DirLayer {
-                layer: l.id,
-                fd: Arc::new(fd),
-                marks,
-            });
+            roots.push(DirLayer::new(l.id, fd, marks));
         }
         if !opts.read_only {
             init_uuid(&stack);
