@@ -377,10 +377,36 @@ impl Overlay {
             .primary_alias()
             .map_or(ROOT_INO, |a| a.parent.ino);
         let entries = readdir::merged_listing(&self.stack, &layers, ino, dotdot)?;
+        if let [only] = layers.as_slice() {
+            self.drop_unneeded_impure(ino, only, &entries);
+        }
         Ok(self.handles.insert(Handle::Dir {
             ino,
             entries: Arc::new(entries),
         }))
+    }
+
+    /// An upper-only directory marked impure that no longer holds any entry with an origin
+    /// record loses the mark when listed, as the kernel drops it (best effort).
+    fn drop_unneeded_impure(&self, ino: Ino, dir: &DirLayer, entries: &[DirEntry]) {
+        if self.opts.read_only || !self.stack.is_upper(dir.layer) {
+            return;
+        }
+        let target = XattrTarget::Dir(fd_of(&dir.fd));
+        let impure = self.stack.names.name("impure");
+        if !matches!(target.get_opt(&impure), Ok(Some(_))) {
+            return;
+        }
+        let origin = self.stack.names.name("origin");
+        let holds_origin = entries.iter().skip(2).any(|e| {
+            !matches!(
+                XattrTarget::Entry(fd_of(&dir.fd), &e.name).get_opt(&origin),
+                Ok(None)
+            )
+        });
+        if !holds_origin && target.remove(&impure).is_ok() {
+            self.attrs_changed(ino);
+        }
     }
 
     /// The snapshot taken at `opendir`; the adapter sends it from the requested offset.
