@@ -118,6 +118,22 @@ impl Node {
 }
 
 impl NodeState {
+    /// The state of an object just resolved: no name yet (the table adds it), nothing removed.
+    pub fn new(backing: Backing, file_type: u32) -> NodeState {
+        NodeState {
+            backing,
+            aliases: Vec::new(),
+            file_type,
+            last_removed: None,
+            pending_links: 0,
+        }
+    }
+
+    /// A directory made of more than one layer's copy.
+    pub fn is_merged_dir(&self) -> bool {
+        matches!(&self.backing, Backing::Dir(l) if l.len() > 1)
+    }
+
     /// The top-most layer that holds the object.
     pub fn top_layer(&self) -> Option<LayerId> {
         match &self.backing {

@@ -92,13 +92,7 @@ impl Overlay {
         let nodes = NodeTable::default();
         nodes.insert_root(Node::new(
             ROOT_INO,
-            NodeState {
-                backing: Backing::Dir(roots),
-                aliases: Vec::new(),
-                file_type: libc::S_IFDIR,
-                last_removed: None,
-                pending_links: 0,
-            },
+            NodeState::new(Backing::Dir(roots), libc::S_IFDIR),
         ));
         Ok(Overlay {
             stack,
@@ -162,8 +156,7 @@ impl Overlay {
     /// The attributes reported for `node` given the `lstat` of its top-most copy.
     pub(crate) fn attr_of(&self, node: &Node, st: &FileStat) -> Attr {
         let state = node.state();
-        let merged = matches!(&state.backing, Backing::Dir(l) if l.len() > 1);
-        let mut attr = Attr::from_stat(st, node.ino, merged);
+        let mut attr = Attr::from_stat(st, node.ino, state.is_merged_dir());
         attr.nlink += state.pending_links;
         attr
     }
@@ -196,13 +189,7 @@ impl Overlay {
         let attr = Attr::from_stat(&r.stat, ino, r.is_merged_dir());
         let node = Node::new(
             ino,
-            NodeState {
-                backing: r.backing,
-                aliases: Vec::new(),
-                file_type: r.stat.st_mode & libc::S_IFMT,
-                last_removed: None,
-                pending_links: 0,
-            },
+            NodeState::new(r.backing, r.stat.st_mode & libc::S_IFMT),
         );
         self.nodes.remember(node, parent, name);
         attr
@@ -211,9 +198,8 @@ impl Overlay {
     pub fn lookup(&self, parent: Ino, name: &OsStr) -> io::Result<Attr> {
         let parent = self.node(parent)?;
         let layers = Self::dir_layers(&parent)?;
-        let resolved =
+        let mut resolved =
             lookup::resolve(&self.stack, &layers, name)?.ok_or_else(|| errno(libc::ENOENT))?;
-        let mut resolved = resolved;
         if resolved.origin.is_none() && resolved.merge_origin.is_some() {
             self.record_merge_origin(&layers, name, &resolved);
             // Recording changed the directory's ctime (and maybe its blocks) and its parent's.

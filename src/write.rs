@@ -518,7 +518,7 @@ impl Overlay {
         let old_needs_whiteout = !exchange && self.lowers_have(&op, oldname)?;
         // A directory that moves into a merged directory becomes opaque (as the kernel: it
         // cannot know what the lowers hold under its new name), unless it already is.
-        let is_merged = |n: &Node| matches!(&n.state().backing, Backing::Dir(l) if l.len() > 1);
+        let is_merged = |n: &Node| n.state().is_merged_dir();
         let opaque = self.stack.names.name("opaque");
         if src_is_dir && !is_opaque_dir(&src) && is_merged(&np) {
             XattrTarget::Entry(od, oldname).set(&opaque, b"y", 0)?;
