@@ -8,6 +8,8 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use crate::idmap::{IdMap, IdMaps, IdRange};
+
 /// The name used for `fsname` and `subtype` when nothing else is given.
 pub const DEFAULT_NAME: &str = "rsfs-overlay";
 
@@ -41,16 +43,7 @@ pub const IGNORED_OPTIONS: &[&str] = &[
 /// They are accepted so that existing command lines keep working; each use leaves a line in
 /// [`Config::warnings`] unless its value asks for what we already do, such as `index=off`.
 pub const NOT_IMPLEMENTED_OPTIONS: &[&str] = &[
-    "uidmapping",
-    "gidmapping",
-    "squash_to_root",
-    "squash_to_uid",
-    "squash_to_gid",
-    "static_nlink",
-    "noacl",
-    "fsync",
     "writeback",
-    "noxattrs",
     "xattr_permissions",
     "ino32_t",
     "xino",
@@ -64,7 +57,7 @@ pub const NOT_IMPLEMENTED_OPTIONS: &[&str] = &[
 
 /// `key=value` pairs among [`NOT_IMPLEMENTED_OPTIONS`] that describe our current behaviour, so
 /// warning about them would be wrong: we never follow or create redirects, keep no index, never
-/// metacopy, always fsync, keep xattrs and do no xattr permission mapping.
+/// metacopy and do no xattr permission mapping.
 const ALREADY_SO: &[(&str, &str)] = &[
     ("redirect_dir", "off"),
     ("redirect_dir", "nofollow"),
@@ -72,8 +65,6 @@ const ALREADY_SO: &[(&str, &str)] = &[
     ("metacopy", "off"),
     ("nfs_export", "off"),
     ("xino", "off"),
-    ("fsync", "1"),
-    ("noxattrs", "0"),
     ("xattr_permissions", "0"),
 ];
 
@@ -116,6 +107,21 @@ pub struct Config {
     pub threads: Option<usize>,
     /// Entry and attribute cache timeout in seconds (fuse-overlayfs's `timeout=`).
     pub timeout: Option<f64>,
+    /// fuse-overlayfs's `uidmapping=`/`gidmapping=` and `squash_to_*`: ids on disk against ids
+    /// shown through the mount.
+    pub uid_ranges: Vec<IdRange>,
+    pub gid_ranges: Vec<IdRange>,
+    pub squash_to_root: bool,
+    pub squash_to_uid: Option<u32>,
+    pub squash_to_gid: Option<u32>,
+    /// `static_nlink`: directories report one link, as fuse-overlayfs's option.
+    pub static_nlink: bool,
+    /// POSIX ACLs enforced and settable (`noacl` turns them off).
+    pub acl: bool,
+    /// Extended attributes readable and settable through the mount (`noxattrs=1` turns them off).
+    pub xattrs: bool,
+    /// fsync reaches the upper (`fsync=0` makes it a no-op, for throwaway uppers).
+    pub fsync: bool,
     /// One line per accepted-but-not-implemented option, for main to log.
     pub warnings: Vec<String>,
 }
@@ -160,7 +166,32 @@ impl Config {
             userxattr: false,
             threads: None,
             timeout: None,
+            uid_ranges: Vec::new(),
+            gid_ranges: Vec::new(),
+            squash_to_root: false,
+            squash_to_uid: None,
+            squash_to_gid: None,
+            static_nlink: false,
+            acl: true,
+            xattrs: true,
+            fsync: true,
             warnings: Vec::new(),
+        }
+    }
+
+    /// The id mappings the options describe; `squash_to_uid`/`squash_to_gid` take precedence
+    /// over `squash_to_root`, as in fuse-overlayfs.
+    pub fn id_maps(&self) -> IdMaps {
+        let root = self.squash_to_root.then_some(0);
+        IdMaps {
+            uids: IdMap {
+                ranges: self.uid_ranges.clone(),
+                squash: self.squash_to_uid.or(root),
+            },
+            gids: IdMap {
+                ranges: self.gid_ranges.clone(),
+                squash: self.squash_to_gid.or(root),
+            },
         }
     }
 
@@ -301,6 +332,12 @@ fn apply_option(key: &str, value: Option<&str>, cfg: &mut Config) -> Result<(), 
         // fuse-overlayfs's spelling, where 0 asked for a single thread.
         "threaded" => cfg.threads = Some(parse_threads(key, required(key, value)?, true)?),
         "timeout" => cfg.timeout = Some(parse_timeout(required(key, value)?)?),
+        "uidmapping" => cfg.uid_ranges = parse_mapping(key, required(key, value)?)?,
+        "gidmapping" => cfg.gid_ranges = parse_mapping(key, required(key, value)?)?,
+        "squash_to_uid" => cfg.squash_to_uid = Some(parse_id(key, required(key, value)?)?),
+        "squash_to_gid" => cfg.squash_to_gid = Some(parse_id(key, required(key, value)?)?),
+        "noxattrs" => cfg.xattrs = !parse_switch(key, required(key, value)?)?,
+        "fsync" => cfg.fsync = parse_switch(key, required(key, value)?)?,
         "plugins" => return err("option 'plugins' is not supported".to_owned()),
         _ => return apply_keyword(key, value, cfg),
     }
@@ -347,6 +384,9 @@ fn flag_setter(key: &str) -> Option<fn(&mut Config)> {
         "atime" => |c| c.noatime = false,
         "noatime" => |c| c.noatime = true,
         "userxattr" => |c| c.userxattr = true,
+        "squash_to_root" => |c| c.squash_to_root = true,
+        "static_nlink" => |c| c.static_nlink = true,
+        "noacl" => |c| c.acl = false,
         // libfuse treats `-o debug` like `-d`: debugging output is useless once daemonized.
         "debug" => |c| {
             c.debug = true;
@@ -372,6 +412,26 @@ fn parse_threads(key: &str, value: &str, zero_means_one: bool) -> Result<usize, 
         Err(_) => err(format!(
             "option '{key}' needs a whole number of threads, not '{value}'"
         )),
+    }
+}
+
+fn parse_mapping(key: &str, value: &str) -> Result<Vec<IdRange>, ConfigError> {
+    IdMap::parse_ranges(key, value).map_err(|e| ConfigError(e.0))
+}
+
+fn parse_id(key: &str, value: &str) -> Result<u32, ConfigError> {
+    match value.parse::<u32>() {
+        Ok(id) if id != u32::MAX => Ok(id),
+        _ => err(format!("option '{key}' needs a numeric id, not '{value}'")),
+    }
+}
+
+/// fuse-overlayfs's on/off values: `1` or `0`.
+fn parse_switch(key: &str, value: &str) -> Result<bool, ConfigError> {
+    match value {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => err(format!("option '{key}' needs 0 or 1, not '{value}'")),
     }
 }
 
@@ -567,8 +627,44 @@ mod tests {
                 assert_eq!(cfg.warnings, vec![want], "{opt}");
             }
         }
-        let cfg = parsed(&["uidmapping=0:1000:1:1:100000:65536,volatile"], false).unwrap();
+        let cfg = parsed(
+            &["uidmapping=0:1000:1:1:100000:65536,volatile,writeback=1"],
+            false,
+        )
+        .unwrap();
         assert_eq!(cfg.warnings.len(), 2);
+    }
+
+    #[test]
+    fn fuse_overlayfs_mapping_options() {
+        let cfg = parsed(
+            &["uidmapping=:0:100000:65536,gidmapping=0:1000:1:1:100000:65536,squash_to_root,squash_to_gid=5"],
+            false,
+        )
+        .unwrap();
+        assert!(cfg.warnings.is_empty());
+        let ids = cfg.id_maps();
+        assert_eq!(ids.uids.disk(100001), 1);
+        assert_eq!(ids.uids.presented(1), 0, "squash_to_root");
+        assert_eq!(
+            ids.gids.presented(1),
+            5,
+            "squash_to_gid wins over squash_to_root"
+        );
+        assert_eq!(ids.gids.disk(100000), 1);
+        let cfg = parsed(&["static_nlink,noacl,noxattrs=1,fsync=0"], false).unwrap();
+        assert!(cfg.static_nlink && !cfg.acl && !cfg.xattrs && !cfg.fsync);
+        let cfg = parsed(&["noxattrs=0,fsync=1"], false).unwrap();
+        assert!(cfg.xattrs && cfg.fsync && cfg.warnings.is_empty());
+        for bad in [
+            "uidmapping=0:1",
+            "squash_to_uid=x",
+            "fsync=2",
+            "gidmapping=a:b:c",
+        ] {
+            let e = parsed(&[bad], false).unwrap_err();
+            assert!(e.0.contains(bad.split('=').next().unwrap()), "{bad}: {e}");
+        }
     }
 
     #[test]

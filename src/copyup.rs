@@ -186,7 +186,9 @@ impl Overlay {
                     copy_data(&src, &dst, st.st_size as u64)?;
                 }
                 // The copy must be complete on disk before the rename makes it visible.
-                dst.sync_all()?;
+                if self.opts.sync {
+                    dst.sync_all()?;
+                }
             }
             (libc::S_IFLNK, Location::Entry(dir, name)) => {
                 let target = layer::readlink_at(fd_of(dir), name)?;

@@ -4,6 +4,7 @@
 
 use std::ffi::OsStr;
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -17,18 +18,47 @@ use fuser::{
 use tracing::{debug, warn};
 
 use crate::attr::{Attr, Caller};
+use crate::idmap::{IdMaps, is_acl_xattr, map_acl};
 use crate::overlay::Overlay;
 use crate::passthrough::{OpenMode, Passthrough};
 use crate::write::{SetAttr, TimeSet};
+
+/// How the merged view is presented: the options that act at the FUSE boundary.
+#[derive(Debug, Clone)]
+pub struct Presentation {
+    /// How long the kernel may cache names and attributes: we are the only writer of the
+    /// merged view, so long timeouts are safe.
+    pub ttl: Duration,
+    /// Ids on disk against ids shown (`uidmapping=`, `gidmapping=`, `squash_*`).
+    pub ids: IdMaps,
+    /// Directories report one link (`static_nlink`).
+    pub static_nlink: bool,
+    /// POSIX ACLs (`noacl` turns them off).
+    pub acl: bool,
+    /// Extended attributes at all (`noxattrs=1` turns them off).
+    pub xattrs: bool,
+}
+
+impl Presentation {
+    /// The defaults: everything on, ids unchanged.
+    pub fn new(ttl: Duration) -> Presentation {
+        Presentation {
+            ttl,
+            ids: IdMaps::default(),
+            static_nlink: false,
+            acl: true,
+            xattrs: true,
+        }
+    }
+}
 
 /// Serves one `Overlay` to the kernel.
 #[derive(Debug)]
 pub struct FuseAdapter {
     overlay: Overlay,
     passthrough: Passthrough,
-    /// How long the kernel may cache names and attributes: we are the only writer of the
-    /// merged view, so long timeouts are safe.
     ttl: Duration,
+    show: Presentation,
 }
 
 impl FuseAdapter {
@@ -36,21 +66,56 @@ impl FuseAdapter {
         &self.overlay
     }
 
-    pub fn new(overlay: Overlay, ttl: Duration) -> FuseAdapter {
+    pub fn new(overlay: Overlay, show: Presentation) -> FuseAdapter {
         FuseAdapter {
             overlay,
             passthrough: Passthrough::default(),
-            ttl,
+            ttl: show.ttl,
+            show,
         }
     }
-}
 
-fn caller(req: &Request) -> Caller {
-    Caller {
-        uid: req.uid(),
-        gid: req.gid(),
-        pid: req.pid(),
-        groups: Vec::new(),
+    /// The caller, with its ids as stored on disk.
+    fn caller(&self, req: &Request) -> Caller {
+        Caller {
+            uid: self.show.ids.uids.disk(req.uid()),
+            gid: self.show.ids.gids.disk(req.gid()),
+            pid: req.pid(),
+            groups: Vec::new(),
+        }
+    }
+
+    /// The attributes as shown through the mount.
+    fn file_attr(&self, a: &Attr) -> FileAttr {
+        let mut fa = file_attr(a);
+        fa.uid = self.show.ids.uids.presented(a.uid);
+        fa.gid = self.show.ids.gids.presented(a.gid);
+        if self.show.static_nlink && a.is_dir() {
+            fa.nlink = 1;
+        }
+        fa
+    }
+
+    /// Refuses xattr calls the options turn off: all of them with `noxattrs=1`, ACLs with
+    /// `noacl` (as a filesystem without ACL support: EOPNOTSUPP).
+    fn xattr_allowed(&self, name: &OsStr) -> io::Result<()> {
+        if !self.show.xattrs || (!self.show.acl && is_acl_xattr(name.as_bytes())) {
+            return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        }
+        Ok(())
+    }
+
+    /// An ACL value with its named ids moved from one side of the mapping to the other.
+    fn map_acl_value(&self, name: &OsStr, value: &mut [u8], to_disk: bool) {
+        if self.show.ids.is_identity() || !is_acl_xattr(name.as_bytes()) {
+            return;
+        }
+        let (u, g) = (&self.show.ids.uids, &self.show.ids.gids);
+        if to_disk {
+            map_acl(value, |id| u.disk(id), |id| g.disk(id));
+        } else {
+            map_acl(value, |id| u.presented(id), |id| g.presented(id));
+        }
     }
 }
 
@@ -167,7 +232,7 @@ impl FuseAdapter {
     fn reply_entry(&self, op: &'static str, ino: u64, res: io::Result<Attr>, reply: ReplyEntry) {
         log_result(op, ino, &res);
         match res {
-            Ok(attr) => reply.entry(&self.ttl, &file_attr(&attr), Generation(0)),
+            Ok(attr) => reply.entry(&self.ttl, &self.file_attr(&attr), Generation(0)),
             Err(e) => reply.error(to_errno(op, &e)),
         }
     }
@@ -201,7 +266,12 @@ impl Filesystem for FuseAdapter {
         // lookups in one directory run side by side; symlink targets never change once made.
         // DONT_MASK: we get the caller's mode and umask apart, and apply the umask only where
         // no default ACL takes its place.
-        let wanted = InitFlags::FUSE_POSIX_ACL
+        let acl = if self.show.acl && self.show.xattrs {
+            InitFlags::FUSE_POSIX_ACL
+        } else {
+            InitFlags::empty()
+        };
+        let wanted = acl
             | InitFlags::FUSE_DONT_MASK
             | InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO
@@ -248,7 +318,7 @@ impl Filesystem for FuseAdapter {
         let res = self.overlay.getattr(ino.0, fh.map(|f| f.0));
         log_result("getattr", ino.0, &res);
         match res {
-            Ok(attr) => reply.attr(&self.ttl, &file_attr(&attr)),
+            Ok(attr) => reply.attr(&self.ttl, &self.file_attr(&attr)),
             Err(e) => reply.error(to_errno("getattr", &e)),
         }
     }
@@ -273,8 +343,8 @@ impl Filesystem for FuseAdapter {
     ) {
         let set = SetAttr {
             mode,
-            uid,
-            gid,
+            uid: uid.map(|u| self.show.ids.uids.disk(u)),
+            gid: gid.map(|g| self.show.ids.gids.disk(g)),
             size,
             atime: time_set(atime),
             mtime: time_set(mtime),
@@ -288,10 +358,10 @@ impl Filesystem for FuseAdapter {
         };
         let res = self
             .overlay
-            .setattr(ino.0, fh.map(|f| f.0), &set, &caller(req));
+            .setattr(ino.0, fh.map(|f| f.0), &set, &self.caller(req));
         log_result("setattr", ino.0, &res);
         match res {
-            Ok(attr) => reply.attr(&self.ttl, &file_attr(&attr)),
+            Ok(attr) => reply.attr(&self.ttl, &self.file_attr(&attr)),
             Err(e) => reply.error(to_errno("setattr", &e)),
         }
     }
@@ -315,9 +385,14 @@ impl Filesystem for FuseAdapter {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let res = self
-            .overlay
-            .mknod(parent.0, name, mode, umask, u64::from(rdev), &caller(req));
+        let res = self.overlay.mknod(
+            parent.0,
+            name,
+            mode,
+            umask,
+            u64::from(rdev),
+            &self.caller(req),
+        );
         self.reply_entry("mknod", parent.0, res, reply);
     }
 
@@ -332,17 +407,17 @@ impl Filesystem for FuseAdapter {
     ) {
         let res = self
             .overlay
-            .mkdir(parent.0, name, mode, umask, &caller(req));
+            .mkdir(parent.0, name, mode, umask, &self.caller(req));
         self.reply_entry("mkdir", parent.0, res, reply);
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let res = self.overlay.unlink(parent.0, name, &caller(req));
+        let res = self.overlay.unlink(parent.0, name, &self.caller(req));
         Self::reply_empty("unlink", parent.0, res, reply);
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let res = self.overlay.rmdir(parent.0, name, &caller(req));
+        let res = self.overlay.rmdir(parent.0, name, &self.caller(req));
         Self::reply_empty("rmdir", parent.0, res, reply);
     }
 
@@ -356,7 +431,7 @@ impl Filesystem for FuseAdapter {
     ) {
         let res = self
             .overlay
-            .symlink(parent.0, link_name, target.as_os_str(), &caller(req));
+            .symlink(parent.0, link_name, target.as_os_str(), &self.caller(req));
         self.reply_entry("symlink", parent.0, res, reply);
     }
 
@@ -376,7 +451,7 @@ impl Filesystem for FuseAdapter {
             newparent.0,
             newname,
             flags.bits(),
-            &caller(req),
+            &self.caller(req),
         );
         Self::reply_empty("rename", parent.0, res, reply);
     }
@@ -389,12 +464,14 @@ impl Filesystem for FuseAdapter {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let res = self.overlay.link(ino.0, newparent.0, newname, &caller(req));
+        let res = self
+            .overlay
+            .link(ino.0, newparent.0, newname, &self.caller(req));
         self.reply_entry("link", ino.0, res, reply);
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let res = self.overlay.open(ino.0, flags.0, &caller(req));
+        let res = self.overlay.open(ino.0, flags.0, &self.caller(req));
         log_result("open", ino.0, &res);
         let (fh, lower) = match res {
             Ok(opened) => opened,
@@ -568,7 +645,7 @@ impl Filesystem for FuseAdapter {
                 a
             } else {
                 match self.overlay.lookup(ino.0, &e.name) {
-                    Ok(attr) => file_attr(&attr),
+                    Ok(attr) => self.file_attr(&attr),
                     // Gone since the snapshot: skip it, as a later readdir would not show it.
                     Err(_) => continue,
                 }
@@ -636,29 +713,46 @@ impl Filesystem for FuseAdapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let res = self
-            .overlay
-            .setxattr(ino.0, name, value, flags, &caller(req));
+        let res = self.xattr_allowed(name).and_then(|()| {
+            let mut value = value.to_vec();
+            self.map_acl_value(name, &mut value, true);
+            self.overlay
+                .setxattr(ino.0, name, &value, flags, &self.caller(req))
+        });
         Self::reply_empty("setxattr", ino.0, res, reply);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let res = self.overlay.getxattr(ino.0, name);
+        let res = self.xattr_allowed(name).and_then(|()| {
+            let mut value = self.overlay.getxattr(ino.0, name)?;
+            self.map_acl_value(name, &mut value, false);
+            Ok(value)
+        });
         reply_xattr("getxattr", ino.0, res, size, reply);
     }
 
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let res = self.overlay.listxattr(ino.0, &caller(req));
+        let res = self
+            .xattr_allowed(OsStr::new(""))
+            .and_then(|()| self.overlay.listxattr(ino.0, &self.caller(req)));
         reply_xattr("listxattr", ino.0, res, size, reply);
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let res = self.overlay.removexattr(ino.0, name, &caller(req));
+        let res = self
+            .xattr_allowed(name)
+            .and_then(|()| self.overlay.removexattr(ino.0, name, &self.caller(req)));
         Self::reply_empty("removexattr", ino.0, res, reply);
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        let who = Caller::with_groups(req.uid(), req.gid(), req.pid());
+        let mut who = Caller::with_groups(req.uid(), req.gid(), req.pid());
+        let ids = &self.show.ids;
+        who.uid = ids.uids.disk(who.uid);
+        who.gid = ids.gids.disk(who.gid);
+        for g in &mut who.groups {
+            *g = ids.gids.disk(*g);
+        }
         let res = self.overlay.access(ino.0, mask.bits(), &who);
         Self::reply_empty("access", ino.0, res, reply);
     }
@@ -675,13 +769,13 @@ impl Filesystem for FuseAdapter {
     ) {
         let res = self
             .overlay
-            .create(parent.0, name, mode, umask, flags, &caller(req));
+            .create(parent.0, name, mode, umask, flags, &self.caller(req));
         log_result("create", parent.0, &res);
         let (attr, fh) = match res {
             Ok(created) => created,
             Err(e) => return reply.error(to_errno("create", &e)),
         };
-        let fattr = file_attr(&attr);
+        let fattr = self.file_attr(&attr);
         let (fh, generation) = (FileHandle(fh), Generation(0));
         match self.open_mode(attr.ino, fh.0, |file| reply.open_backing(file)) {
             OpenMode::Passthrough(id) => reply.created_passthrough(

@@ -6,17 +6,17 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use tracing::warn;
+use tracing::{error, info, warn};
 
 use rsfs_overlay::cli::{self, CliError, Command};
 use rsfs_overlay::config::Config;
 use rsfs_overlay::daemon::{self, StartupPipe};
 use rsfs_overlay::format::XattrNames;
-use rsfs_overlay::fuse::FuseAdapter;
+use rsfs_overlay::fuse::{FuseAdapter, Presentation};
 use rsfs_overlay::overlay::{Overlay, OverlayOptions};
 use rsfs_overlay::stack::Stack;
 use rsfs_overlay::workdir::WorkDir;
-use rsfs_overlay::{demo, logging, preflight, sys};
+use rsfs_overlay::{demo, logging, preflight, privilege, sys};
 
 fn main() -> ExitCode {
     let is_root = nix::unistd::geteuid().is_root();
@@ -53,6 +53,7 @@ fn open_overlay(cfg: &Config) -> anyhow::Result<Overlay> {
         .context("cannot open the layers")?;
     let opts = OverlayOptions {
         read_only: cfg.read_only || cfg.upperdir.is_none(),
+        sync: cfg.fsync,
     };
     Overlay::new(stack, opts).context("cannot open the layers")
 }
@@ -68,6 +69,13 @@ fn mount_and_serve(mut cfg: Config) -> anyhow::Result<()> {
     for w in &cfg.warnings {
         warn!("{w}");
     }
+    if !cfg.userxattr && privilege::lacks_trusted_xattrs() {
+        cfg.userxattr = true;
+        info!(
+            "trusted.* xattrs are out of reach (user namespace or not root): \
+             overlay metadata goes to user.overlay.*, as with -o userxattr"
+        );
+    }
     // Modes of new objects are exactly what callers ask for; the kernel applied their umask.
     nix::sys::stat::umask(nix::sys::stat::Mode::empty());
     if let Err(e) = sys::raise_nofile_limit() {
@@ -77,7 +85,14 @@ fn mount_and_serve(mut cfg: Config) -> anyhow::Result<()> {
     let ttl = cfg
         .timeout
         .map_or(daemon::DEFAULT_TIMEOUT, Duration::from_secs_f64);
-    let adapter = FuseAdapter::new(overlay, ttl);
+    let show = Presentation {
+        ids: cfg.id_maps(),
+        static_nlink: cfg.static_nlink,
+        acl: cfg.acl,
+        xattrs: cfg.xattrs,
+        ..Presentation::new(ttl)
+    };
+    let adapter = FuseAdapter::new(overlay, show);
 
     let mut report_to = None;
     if !cfg.foreground {
@@ -102,8 +117,7 @@ fn mount_and_serve(mut cfg: Config) -> anyhow::Result<()> {
         Ok(dev) => dev,
         Err(e) => {
             let msg = format!("cannot mount on '{}': {e}", cfg.mountpoint.display());
-            daemon::report(&mut report_to, Err(msg.clone()));
-            bail!(msg);
+            return fail_startup(report_to, msg);
         }
     };
     let detach = !cfg.foreground;
@@ -118,9 +132,24 @@ fn mount_and_serve(mut cfg: Config) -> anyhow::Result<()> {
     });
     if let Err(e) = served {
         let msg = format!("serving '{}' failed: {e}", cfg.mountpoint.display());
-        daemon::report(&mut report_to, Err(msg.clone()));
         let _ = daemon::unmount(&cfg.mountpoint);
-        bail!(msg);
+        if detach {
+            // Its terminal is gone: the log is the only place the message can go.
+            error!("{msg}");
+        }
+        return fail_startup(report_to, msg);
     }
     Ok(())
+}
+
+/// Ends a start-up that failed. A forked daemon hands the message to the launcher, which
+/// prints it, and exits quietly; a foreground one returns it to be printed once.
+fn fail_startup(report_to: Option<std::fs::File>, msg: String) -> anyhow::Result<()> {
+    match report_to {
+        Some(pipe) => {
+            daemon::report(&mut Some(pipe), Err(msg));
+            std::process::exit(1);
+        }
+        None => bail!(msg),
+    }
 }

@@ -72,6 +72,10 @@ pub struct NodeState {
     /// Names of a copied-up hard-linked lower file that still live only in the lower (not yet
     /// linked to the upper copy): they count in the link count the object reports.
     pub pending_links: u64,
+    /// An `O_PATH` fd of a special file (fifo, socket, device, symlink) taken as it lost its
+    /// last name: callers open those without asking us, so nothing else of ours keeps the
+    /// object for their `fstat` (the kernel's overlay holds the real inode the same way).
+    pub kept: Option<Arc<OwnedFd>>,
 }
 
 #[derive(Debug)]
@@ -126,6 +130,7 @@ impl NodeState {
             file_type,
             last_removed: None,
             pending_links: 0,
+            kept: None,
         }
     }
 

@@ -29,6 +29,9 @@ pub(crate) fn errno(code: i32) -> io::Error {
 pub struct OverlayOptions {
     /// No upper, or mounted `ro`: every change is refused with EROFS.
     pub read_only: bool,
+    /// fsync reaches the upper, and copy-ups are synced before they become visible
+    /// (`fsync=0` turns both off: a crash may then leave partial copies, as the user chose).
+    pub sync: bool,
 }
 
 /// Where a node is reached in its top-most layer.
@@ -289,6 +292,11 @@ impl Overlay {
         if removed && let Some(file) = self.handles.any_file_of(ino) {
             // Removed while open (fstat sends no handle): its open files still reach it.
             let st = nix::sys::stat::fstat(&file)?;
+            return Ok(self.attr_of(&node, &st));
+        }
+        let kept = node.state().kept.clone();
+        if removed && let Some(fd) = kept {
+            let st = nix::sys::stat::fstat(&fd)?;
             return Ok(self.attr_of(&node, &st));
         }
         let (loc, _) = self.locate(&node)?;

@@ -22,7 +22,7 @@ use crate::copyup::{CopyData, UPPER};
 use crate::handles::Handle;
 use crate::layer::{self, XattrTarget};
 use crate::lookup::{self, Resolved};
-use crate::node::{Backing, Ino, Node, fd_of};
+use crate::node::{Backing, DirLayer, Ino, Node, fd_of};
 use crate::overlay::{Location, Overlay, errno, open_passthrough_flags};
 use crate::readdir;
 
@@ -414,6 +414,10 @@ impl Overlay {
 
     /// Removes `name` (resolved as `r`) from the merged view.
     fn remove_entry(&self, parent: &Arc<Node>, name: &OsStr, r: &Resolved) -> io::Result<()> {
+        let node = self.nodes.get(self.ino_of(r));
+        if let Some(node) = &node {
+            self.keep_special_before_last_name_goes(node);
+        }
         let needs_whiteout = self.lowers_have(parent, name)?;
         let upper = self.upper_dir(parent)?;
         let dir = fd_of(&upper);
@@ -432,7 +436,7 @@ impl Overlay {
         } else {
             self.place_whiteout(dir, name)?;
         }
-        if let Some(node) = self.nodes.get(self.ino_of(r)) {
+        if let Some(node) = node {
             if !self.stack.is_upper(r.top) {
                 // A lower name of a copied-up hard link that never joined the copy is gone.
                 let mut state = node.state_mut();
@@ -441,6 +445,29 @@ impl Overlay {
             node.state_mut().remove_alias(parent.ino, name);
         }
         Ok(())
+    }
+
+    /// Takes an `O_PATH` fd of a special file about to lose its last name (see
+    /// `NodeState::kept`). Best effort: without it, `fstat` of the gone object fails ENOENT.
+    fn keep_special_before_last_name_goes(&self, node: &Node) {
+        {
+            let st = node.state();
+            if matches!(st.file_type, libc::S_IFREG | libc::S_IFDIR) || st.aliases.len() != 1 {
+                return;
+            }
+        }
+        if let Ok((Location::Entry(dir, name), _)) = self.locate(node)
+            && let Ok(fd) = layer::open_at(fd_of(&dir), &name, OFlag::O_PATH, 0)
+        {
+            node.state_mut().kept = Some(Arc::new(fd));
+        }
+    }
+
+    /// A directory the upper alone holds and that never had lower content (no origin
+    /// record), so it cannot hold whiteouts that matter.
+    fn is_pure_upper_dir(&self, layers: &[DirLayer]) -> bool {
+        matches!(layers, [only] if self.stack.is_upper(only.layer)
+            && !self.has_origin(XattrTarget::Dir(fd_of(&only.fd))))
     }
 
     /// A directory may move only if it is the upper's alone (`redirect_dir=off`).
@@ -494,8 +521,12 @@ impl Overlay {
             } else if !dst_is_dir && src_is_dir {
                 return Err(errno(libc::ENOTDIR));
             } else if let Backing::Dir(layers) = &d.backing
+                && !self.is_pure_upper_dir(layers)
                 && !readdir::is_empty_for_removal(&self.stack, layers)?
             {
+                // A target with lower content is checked before anything changes; the
+                // upper's rename(2) checks a pure upper one, after the opaque mark below
+                // (the kernel's order, which leaves that mark when the rename fails).
                 return Err(errno(libc::ENOTEMPTY));
             }
             if self.ino_of(d) == src_ino {
@@ -522,6 +553,9 @@ impl Overlay {
         let opaque = self.stack.names.name("opaque");
         if src_is_dir && !is_opaque_dir(&src) && is_merged(&np) {
             XattrTarget::Entry(od, oldname).set(&opaque, b"y", 0)?;
+            // The mark stays if the rename fails, and the kernel keeps no cached attributes
+            // fresh after a failed rename.
+            self.attrs_changed(src_ino);
         }
         if exchange
             && let Some(d) = &dst
@@ -530,6 +564,10 @@ impl Overlay {
             && is_merged(&op)
         {
             XattrTarget::Entry(nd, newname).set(&opaque, b"y", 0)?;
+            self.attrs_changed(self.ino_of(d));
+        }
+        if !exchange && let Some(d) = &dst_node {
+            self.keep_special_before_last_name_goes(d);
         }
         if !exchange
             && let Some(Resolved {
@@ -538,6 +576,7 @@ impl Overlay {
                 ..
             }) = &dst
             && self.stack.is_upper(*top)
+            && !self.is_pure_upper_dir(layers)
             && let Some(l) = layers.first()
         {
             crate::workdir::clear_dir(fd_of(&l.fd))?;
@@ -790,6 +829,9 @@ impl Overlay {
     }
 
     pub fn fsync(&self, ino: Ino, fh: u64, datasync: bool) -> io::Result<()> {
+        if !self.opts.sync {
+            return Ok(());
+        }
         self.with_file(ino, fh, |file, _| {
             if datasync {
                 file.sync_data()
@@ -800,6 +842,9 @@ impl Overlay {
     }
 
     pub fn fsyncdir(&self, ino: Ino, _datasync: bool) -> io::Result<()> {
+        if !self.opts.sync {
+            return Ok(());
+        }
         let node = self.node(ino)?;
         match node.dir_fd(UPPER) {
             Some(fd) if self.stack.has_upper => Ok(nix::unistd::fsync(fd.as_fd())?),
