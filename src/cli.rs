@@ -74,7 +74,7 @@ const OPTION_TABLE: &[(&str, &str)] = &[
     ("lowerdir=DIR[:DIR...]", "read-only layers, top-most first; '\\' escapes ':' ',' '\\'"),
     ("upperdir=DIR",          "writable layer receiving all changes (needs workdir)"),
     ("workdir=DIR",           "empty directory on upperdir's filesystem, for atomic copy-up"),
-    ("userxattr",             "keep overlay metadata in user.overlay.* instead of trusted.overlay.*"),
+    ("userxattr",             "keep overlay metadata in user.overlay.* instead of trusted.overlay.*;\nautomatic when trusted.* is out of reach (rootless)"),
     ("ro",                    "mount read-only (always so without upperdir)"),
     ("rw",                    "mount read-write (the default with upperdir)"),
     ("allow_other",           "let other users access the mount (default as root)"),
@@ -89,6 +89,15 @@ const OPTION_TABLE: &[(&str, &str)] = &[
     ("threads=N",             "serve requests with N threads (N >= 1)"),
     ("threaded=N",            "fuse-overlayfs's spelling of threads=N; 0 means 1"),
     ("timeout=SECONDS",       "how long the kernel may cache entries and attributes"),
+    ("uidmapping=D:P:L[:...]", "show disk uids D..D+L as P..P+L, store callers' uids back;\nothers show as 65534 (fuse-overlayfs's option)"),
+    ("gidmapping=D:P:L[:...]", "the same for gids"),
+    ("squash_to_root",        "show every object as owned by 0:0 (storage unchanged)"),
+    ("squash_to_uid=N",       "show every object as owned by uid N (wins over squash_to_root)"),
+    ("squash_to_gid=N",       "show every object as owned by gid N (wins over squash_to_root)"),
+    ("static_nlink",          "directories report one link"),
+    ("noacl",                 "no POSIX ACLs: not enforced, their xattrs refused"),
+    ("noxattrs=0|1",          "1 refuses every xattr call with EOPNOTSUPP"),
+    ("fsync=0|1",             "0 skips fsync and copy-up syncs (for throwaway uppers)"),
 ];
 
 const ABOUT: &str =
@@ -113,10 +122,16 @@ const TABLE_INDENT: usize = 26;
 fn options_help() -> String {
     let mut text = String::from("Mount options (-o OPTION[,OPTION...]):\n");
     for (syntax, meaning) in OPTION_TABLE {
-        text.push_str(&format!(
-            "  {syntax:<width$}{meaning}\n",
-            width = TABLE_INDENT - 2
-        ));
+        // A syntax too long for its column pushes the meaning to the next line.
+        let width = TABLE_INDENT - 2;
+        if syntax.len() >= width {
+            text.push_str(&format!("  {syntax}\n{:TABLE_INDENT$}", ""));
+        } else {
+            text.push_str(&format!("  {syntax:<width$}"));
+        }
+        let indent = format!("\n{:TABLE_INDENT$}", "");
+        text.push_str(&meaning.replace('\n', &indent));
+        text.push('\n');
     }
     text.push_str("\nAccepted and ignored, as passed by mount(8), fstab and SELinux:\n");
     let ignored: Vec<String> = IGNORED_OPTIONS
@@ -504,6 +519,8 @@ mod tests {
         for (syntax, _) in OPTION_TABLE {
             for spelling in syntax.split(", ") {
                 let opt = match spelling.split_once('=') {
+                    // A mapping takes DISK:PRESENTED:LENGTH triples; everything else a number.
+                    Some((key, _)) if key.ends_with("mapping") => format!("{key}=0:1000:1"),
                     Some((key, _)) => format!("{key}=1"),
                     None => spelling.to_owned(),
                 };
