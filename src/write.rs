@@ -581,7 +581,7 @@ impl Overlay {
         {
             crate::workdir::clear_dir(fd_of(&l.fd))?;
         }
-        self.rename_in_upper(
+        let renamed = self.rename_in_upper(
             od,
             oldname,
             nd,
@@ -589,7 +589,13 @@ impl Overlay {
             exchange,
             old_needs_whiteout,
             src_is_dir,
-        )?;
+        );
+        if renamed.is_err() {
+            // A failed RENAME_WHITEOUT may still have restamped the source directory (ext4
+            // does), and the kernel refreshes nothing after a failed rename.
+            self.attrs_changed(op.ino);
+        }
+        renamed?;
         // A directory that now holds an object with an origin record is impure.
         if self.has_origin(XattrTarget::Entry(nd, newname)) {
             self.mark_impure(nd);
