@@ -98,6 +98,7 @@ const OPTION_TABLE: &[(&str, &str)] = &[
     ("noacl",                 "no POSIX ACLs: not enforced, their xattrs refused"),
     ("noxattrs=0|1",          "1 refuses every xattr call with EOPNOTSUPP"),
     ("fsync=0|1",             "0 skips fsync and copy-up syncs (for throwaway uppers)"),
+    ("log_file=PATH",         "once detached, append the log to PATH instead of syslog"),
 ];
 
 const ABOUT: &str =

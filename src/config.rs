@@ -122,6 +122,8 @@ pub struct Config {
     pub xattrs: bool,
     /// fsync reaches the upper (`fsync=0` makes it a no-op, for throwaway uppers).
     pub fsync: bool,
+    /// `log_file=PATH`: once detached, log there instead of syslog.
+    pub log_file: Option<PathBuf>,
     /// One line per accepted-but-not-implemented option, for main to log.
     pub warnings: Vec<String>,
 }
@@ -175,6 +177,7 @@ impl Config {
             acl: true,
             xattrs: true,
             fsync: true,
+            log_file: None,
             warnings: Vec::new(),
         }
     }
@@ -224,6 +227,7 @@ impl Config {
         self.lowerdirs.iter_mut().for_each(fix);
         self.upperdir.iter_mut().for_each(fix);
         self.workdir.iter_mut().for_each(fix);
+        self.log_file.iter_mut().for_each(fix);
         fix(&mut self.mountpoint);
     }
 }
@@ -338,6 +342,7 @@ fn apply_option(key: &str, value: Option<&str>, cfg: &mut Config) -> Result<(), 
         "squash_to_gid" => cfg.squash_to_gid = Some(parse_id(key, required(key, value)?)?),
         "noxattrs" => cfg.xattrs = !parse_switch(key, required(key, value)?)?,
         "fsync" => cfg.fsync = parse_switch(key, required(key, value)?)?,
+        "log_file" => cfg.log_file = Some(PathBuf::from(unescape(required(key, value)?))),
         "plugins" => return err("option 'plugins' is not supported".to_owned()),
         _ => return apply_keyword(key, value, cfg),
     }

@@ -107,7 +107,7 @@ impl Overlay {
             Backing::NonDir { layer } => *layer = UPPER,
             Backing::Dir(layers) => {
                 let fd = layer::open_dir_at(fd_of(&parent_upper), &name)?;
-                let marks = lookup::read_dir_marks(&self.stack, false, &fd);
+                let marks = lookup::read_dir_marks(&self.stack, &fd);
                 layers.insert(0, DirLayer::new(UPPER, fd, marks));
             }
         }

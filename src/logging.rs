@@ -1,15 +1,31 @@
 //! Logging set-up, in one place: `tracing` events go to stderr while the daemon has a terminal
-//! (foreground, or before it detaches), then to syslog (`/dev/log`), so nothing is lost
-//! silently once stderr is /dev/null. fuser's `log` records are bridged into `tracing`.
+//! (foreground, or before it detaches), then to the file given with `log_file=` or else to
+//! syslog (`/dev/log`), so nothing is lost silently once stderr is /dev/null. Where neither
+//! is possible the daemon says so on stderr before it lets go of it. fuser's `log` records are
+//! bridged into `tracing`.
 
+use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixDatagram;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::Path;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use tracing::{Level, Metadata};
 use tracing_subscriber::fmt::MakeWriter;
 
-static TO_SYSLOG: AtomicBool = AtomicBool::new(false);
+/// Where events go: one of the `TO_*` values.
+static TARGET: AtomicU8 = AtomicU8::new(TO_STDERR);
+const TO_STDERR: u8 = 0;
+const TO_SYSLOG: u8 = 1;
+const TO_FILE: u8 = 2;
+
+/// The `log_file=` file, opened before the daemon detaches.
+static LOG_FILE: OnceLock<File> = OnceLock::new();
+
+/// The syslog socket.
+const SYSLOG_SOCKET: &str = "/dev/log";
 
 /// Installs the subscriber: `debug` logs every request, otherwise warnings and errors only;
 /// `RUST_LOG` overrides both.
@@ -24,9 +40,33 @@ pub fn init(debug: bool) {
         .try_init();
 }
 
-/// From now on, log to syslog: called when the daemon gives up its terminal.
-pub fn detach_to_syslog() {
-    TO_SYSLOG.store(true, Ordering::Relaxed);
+/// Opens the `log_file=` file (appending, created 0640), before anything is mounted so that
+/// a bad path is a start-up error.
+pub fn open_log_file(path: &Path) -> io::Result<()> {
+    let file = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o640)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)?;
+    let _ = LOG_FILE.set(file);
+    Ok(())
+}
+
+/// From now on, log to the log file or syslog: called when the daemon gives up its terminal.
+/// Says on stderr, while it still can, when there is nowhere to log to.
+pub fn detach() {
+    if LOG_FILE.get().is_some() {
+        TARGET.store(TO_FILE, Ordering::Relaxed);
+        return;
+    }
+    if !Path::new(SYSLOG_SOCKET).exists() {
+        tracing::warn!(
+            "no syslog socket at {SYSLOG_SOCKET}: messages after start-up are dropped; \
+             give -o log_file=PATH or run with -f to keep them"
+        );
+    }
+    TARGET.store(TO_SYSLOG, Ordering::Relaxed);
 }
 
 struct LogTarget;
@@ -74,10 +114,14 @@ impl Drop for LogLine {
         if self.buf.is_empty() {
             return;
         }
-        if TO_SYSLOG.load(Ordering::Relaxed) {
-            send_syslog(self.level, &self.buf);
-        } else {
-            let _ = io::stderr().write_all(&self.buf);
+        match (TARGET.load(Ordering::Relaxed), LOG_FILE.get()) {
+            (TO_FILE, Some(mut file)) => {
+                let _ = file.write_all(&self.buf);
+            }
+            (TO_SYSLOG, _) => send_syslog(self.level, &self.buf),
+            _ => {
+                let _ = io::stderr().write_all(&self.buf);
+            }
         }
     }
 }
@@ -103,7 +147,7 @@ fn send_syslog(level: Level, line: &[u8]) {
         text.trim_end()
     );
     if let Ok(sock) = UnixDatagram::unbound() {
-        let _ = sock.send_to(msg.as_bytes(), "/dev/log");
+        let _ = sock.send_to(msg.as_bytes(), SYSLOG_SOCKET);
     }
 }
 

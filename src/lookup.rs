@@ -73,14 +73,15 @@ pub fn resolve(stack: &Stack, parent: &[DirLayer], name: &OsStr) -> io::Result<O
         last_layer = Some(dl.layer);
         let name = name.as_os_str();
         let is_lower = !stack.is_upper(dl.layer);
-        // OCI markers are metadata of lower layers, never entries of the merged view.
-        if is_lower && format::is_oci_marker(name.as_bytes()) {
+        // OCI markers are metadata of their layer (the upper too: containers/storage writes
+        // them there when it uses a mount program), never entries of the merged view.
+        if format::is_oci_marker(name.as_bytes()) {
             continue;
         }
         let st = match layer::stat_at(fd_of(&dl.fd), name) {
             Ok(st) => st,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                if is_lower && has_oci_whiteout(&dl, name)? {
+                if has_oci_whiteout(&dl, name)? {
                     break;
                 }
                 continue;
@@ -109,7 +110,7 @@ pub fn resolve(stack: &Stack, parent: &[DirLayer], name: &OsStr) -> io::Result<O
             }));
         }
         let fd = layer::open_dir_at(fd_of(&dl.fd), name)?;
-        let marks = read_dir_marks(stack, is_lower, &fd);
+        let marks = read_dir_marks(stack, &fd);
         if top.is_none() && !is_lower {
             origin = read_origin(stack, XattrTarget::Dir(layer::borrow(&fd)));
         }
@@ -211,16 +212,15 @@ fn walk_to_parent(
         }
         fd = layer::open_dir_at(layer::borrow(&fd), comp)?;
     }
-    let marks = read_dir_marks(stack, !l.is_upper, &fd);
+    let marks = read_dir_marks(stack, &fd);
     Ok(Some(DirLayer::new(layer, fd, marks)))
 }
 
 /// The opaque and xattr-whiteout marks of one layer's copy of a directory, including the OCI
-/// opaque marker in lower layers.
-pub fn read_dir_marks(stack: &Stack, is_lower: bool, fd: &std::os::fd::OwnedFd) -> DirMarks {
+/// opaque marker.
+pub fn read_dir_marks(stack: &Stack, fd: &std::os::fd::OwnedFd) -> DirMarks {
     let mut marks = format::dir_marks(stack.names, XattrTarget::Dir(layer::borrow(fd)));
-    if is_lower
-        && !marks.opaque
+    if !marks.opaque
         && layer::stat_at(
             layer::borrow(fd),
             OsStr::from_bytes(format::OCI_OPAQUE_MARKER),

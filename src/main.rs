@@ -65,6 +65,10 @@ fn mount_and_serve(mut cfg: Config) -> anyhow::Result<()> {
         cfg.read_only = true;
     }
     preflight::check(&cfg)?;
+    if let Some(path) = &cfg.log_file {
+        logging::open_log_file(path)
+            .with_context(|| format!("cannot open the log file '{}'", path.display()))?;
+    }
     logging::init(cfg.debug);
     for w in &cfg.warnings {
         warn!("{w}");
@@ -124,7 +128,7 @@ fn mount_and_serve(mut cfg: Config) -> anyhow::Result<()> {
     let served = daemon::serve(adapter, dev, &cfg, || {
         daemon::report(&mut report_to, Ok(()));
         if detach {
-            logging::detach_to_syslog();
+            logging::detach();
             if let Err(e) = daemon::detach_stdio() {
                 warn!(error = %e, "cannot detach from the terminal");
             }

@@ -86,7 +86,7 @@ impl Overlay {
         let mut roots = Vec::with_capacity(stack.layers.len());
         for l in &stack.layers {
             let fd = l.root.try_clone()?;
-            let marks = lookup::read_dir_marks(&stack, !l.is_upper, &fd);
+            let marks = lookup::read_dir_marks(&stack, &fd);
             roots.push(DirLayer::new(l.id, fd, marks));
         }
         if !opts.read_only {

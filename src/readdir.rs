@@ -65,7 +65,8 @@ fn listing(
     ];
     let mut seen: HashSet<OsString> = HashSet::new();
     for dl in layers {
-        let is_lower = !stack.is_upper(dl.layer);
+        // Names this layer's OCI whiteouts hide in the layers below (not in this one).
+        let mut hidden_below: Vec<OsString> = Vec::new();
         let mut dir = Dir::from_fd(layer::reopen_dir(fd_of(&dl.fd))?)?;
         for item in dir.iter() {
             let item = item?;
@@ -77,10 +78,10 @@ fn listing(
             if seen.contains(name) {
                 continue;
             }
-            if is_lower && format::is_oci_marker(bytes) {
+            if format::is_oci_marker(bytes) {
                 // `.wh.NAME` hides NAME in the layers below; it is never shown itself.
                 if let Some(target) = format::oci_whiteout_target(bytes) {
-                    seen.insert(OsStr::from_bytes(target).to_os_string());
+                    hidden_below.push(OsStr::from_bytes(target).to_os_string());
                 }
                 continue;
             }
@@ -114,6 +115,7 @@ fn listing(
                 name: name.to_os_string(),
             });
         }
+        seen.extend(hidden_below);
     }
     Ok(entries)
 }

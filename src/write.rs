@@ -5,6 +5,7 @@
 //! `RENAME_EXCHANGE`.
 
 use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -25,6 +26,7 @@ use crate::lookup::{self, Resolved};
 use crate::node::{Backing, DirLayer, Ino, Node, fd_of};
 use crate::overlay::{Location, Overlay, errno, open_passthrough_flags};
 use crate::readdir;
+use crate::format;
 
 /// How setattr changes one timestamp.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,6 +148,7 @@ impl Overlay {
     where
         F: Fn(BorrowedFd<'_>, &OsStr) -> io::Result<()>,
     {
+        refuse_marker_name(name)?;
         self.work()?;
         if self.resolve_child(parent, name)?.is_some() {
             return Err(errno(libc::EEXIST));
@@ -158,7 +161,14 @@ impl Overlay {
         } else {
             caller.gid
         };
-        if Self::upper_has_entry(dir, name)? {
+        let over = if Self::upper_has_entry(dir, name)? {
+            Some(Hidden::ByWhiteout)
+        } else if Self::upper_has_entry(dir, OsStr::from_bytes(&format::oci_whiteout_name(name)))? {
+            Some(Hidden::ByOciMarker)
+        } else {
+            None
+        };
+        if let Some(over) = over {
             let work = self.work()?;
             let tmp = work.temp_name();
             // Built outside its parent, a directory does not inherit a setgid parent's bit by
@@ -185,18 +195,28 @@ impl Overlay {
                     }
                 })
                 .and_then(|()| {
-                    nix::fcntl::renameat2(
-                        work.fd(),
-                        tmp.as_os_str(),
-                        dir,
-                        name,
-                        RenameFlags::RENAME_EXCHANGE,
-                    )
-                    .map_err(io::Error::from)
+                    let flags = match over {
+                        Hidden::ByWhiteout => RenameFlags::RENAME_EXCHANGE,
+                        Hidden::ByOciMarker => RenameFlags::RENAME_NOREPLACE,
+                    };
+                    nix::fcntl::renameat2(work.fd(), tmp.as_os_str(), dir, name, flags)
+                        .map_err(io::Error::from)
                 });
-            // After the exchange the temporary is the old whiteout; on failure, our new object.
-            work.discard(&tmp);
+            // After an exchange the temporary is the old whiteout; on failure, our new object.
+            if over == Hidden::ByWhiteout || built.is_err() {
+                work.discard(&tmp);
+            }
             built?;
+            if over == Hidden::ByOciMarker {
+                // The new object shadows the marker already; removing it keeps the upper as
+                // plain as the kernel's (a crash before this leaves a harmless marker).
+                let marker = format::oci_whiteout_name(name);
+                if let Err(e) =
+                    nix::unistd::unlinkat(dir, OsStr::from_bytes(&marker), UnlinkatFlags::NoRemoveDir)
+                {
+                    tracing::warn!(name = ?name, error = %e, "cannot remove the OCI whiteout under a new object");
+                }
+            }
         } else {
             make(dir, name)?;
             if let Err(e) = give_to(dir, name, caller.uid, gid) {
@@ -336,6 +356,7 @@ impl Overlay {
         caller: &Caller,
     ) -> io::Result<Attr> {
         let _ = caller;
+        refuse_marker_name(newname)?;
         let node = self.node(ino)?;
         if node.is_dir() {
             return Err(errno(libc::EPERM));
@@ -492,6 +513,7 @@ impl Overlay {
         {
             return Err(errno(libc::EINVAL));
         }
+        refuse_marker_name(newname)?;
         self.work()?;
         let exchange = flags & RENAME_EXCHANGE != 0;
         let op = self.node(olddir)?;
@@ -974,6 +996,25 @@ fn add_mode_bits(dir: BorrowedFd<'_>, name: &OsStr, bits: u32) -> io::Result<()>
         Mode::from_bits_truncate((st.st_mode | bits) & 0o7777),
         nix::sys::stat::FchmodatFlags::FollowSymlink,
     )?)
+}
+
+/// What hides the lower objects of a name that a new upper object takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hidden {
+    /// A whiteout at the name itself, which the new object replaces in one exchange.
+    ByWhiteout,
+    /// An OCI `.wh.NAME` marker beside it, removed once the new object is in place.
+    ByOciMarker,
+}
+
+/// Refuses names that are OCI whiteout or opaque markers (`.wh.*`): they are metadata in every
+/// layer, so a caller who made one could hide or forge content (README, "Metadata-looking
+/// names").
+fn refuse_marker_name(name: &OsStr) -> io::Result<()> {
+    if format::is_oci_marker(name.as_bytes()) {
+        return Err(errno(libc::EPERM));
+    }
+    Ok(())
 }
 
 /// True for a directory whose top copy is opaque.
