@@ -19,10 +19,16 @@ RSFS_DEPS=(
     mount:mount                 # kernel overlayfs mounts, mount -t fuse.*
     umount:mount
     cc:gcc                      # the linker cargo calls
+    podman:podman               # tests/podman.rs: podman as a client (mount_program = ours)
+    buildah:buildah             # podman build's companion tools
+    runc:runc                   # the OCI runtime tests/podman.rs asks podman for
+    busybox:busybox-static      # the static busybox the podman test's image is made of
+    newuidmap:uidmap            # podman's user-namespace helpers
+    python3:python3             # tests/locks.rs: the second process that asks for locks
 )
 
 # The packages installed when anything is missing: all of them at once (apt skips those present).
-RSFS_PACKAGES=(fuse3 fuse-overlayfs attr kmod mount gcc)
+RSFS_PACKAGES=(fuse3 fuse-overlayfs attr kmod mount gcc podman buildah runc busybox-static uidmap python3)
 
 # mount.fuse3 and modprobe live in sbin, which a non-root PATH may lack.
 rsfs_path_with_sbin() {
