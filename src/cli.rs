@@ -98,6 +98,7 @@ const OPTION_TABLE: &[(&str, &str)] = &[
     ("noacl",                 "no POSIX ACLs: not enforced, their xattrs refused"),
     ("noxattrs=0|1",          "1 refuses every xattr call with EOPNOTSUPP"),
     ("fsync=0|1",             "0 skips fsync and copy-up syncs (for throwaway uppers)"),
+    ("redirect_dir=on|follow|off|nofollow", "on: renaming a lower or merged directory writes a redirect\n(as the kernel) instead of failing with EXDEV; follow, off (default):\nredirects are followed, not written; nofollow: not followed"),
     ("log_file=PATH",         "once detached, append the log to PATH instead of syslog"),
 ];
 
@@ -520,8 +521,12 @@ mod tests {
         for (syntax, _) in OPTION_TABLE {
             for spelling in syntax.split(", ") {
                 let opt = match spelling.split_once('=') {
-                    // A mapping takes DISK:PRESENTED:LENGTH triples; everything else a number.
+                    // A mapping takes DISK:PRESENTED:LENGTH triples, a choice its first
+                    // alternative, everything else a number or a path.
                     Some((key, _)) if key.ends_with("mapping") => format!("{key}=0:1000:1"),
+                    Some((key, choices)) if choices.contains('|') => {
+                        format!("{key}={}", choices.split('|').next().unwrap_or_default())
+                    }
                     Some((key, _)) => format!("{key}=1"),
                     None => spelling.to_owned(),
                 };

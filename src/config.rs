@@ -47,7 +47,6 @@ pub const NOT_IMPLEMENTED_OPTIONS: &[&str] = &[
     "xattr_permissions",
     "ino32_t",
     "xino",
-    "redirect_dir",
     "index",
     "metacopy",
     "volatile",
@@ -59,14 +58,36 @@ pub const NOT_IMPLEMENTED_OPTIONS: &[&str] = &[
 /// warning about them would be wrong: we never follow or create redirects, keep no index, never
 /// metacopy and do no xattr permission mapping.
 const ALREADY_SO: &[(&str, &str)] = &[
-    ("redirect_dir", "off"),
-    ("redirect_dir", "nofollow"),
     ("index", "off"),
     ("metacopy", "off"),
     ("nfs_export", "off"),
     ("xino", "off"),
     ("xattr_permissions", "0"),
 ];
+
+/// The kernel's `redirect_dir=`: whether renaming a directory that has lower content writes a
+/// redirect (instead of failing with EXDEV), and whether redirects found are followed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedirectDir {
+    /// Write redirects on directory renames, and follow them.
+    On,
+    /// Follow redirects, never write them.
+    Follow,
+    /// Never write them; follow them (the kernel module's `redirect_always_follow=Y`).
+    Off,
+    /// Neither write nor follow them.
+    NoFollow,
+}
+
+impl RedirectDir {
+    pub fn creates(self) -> bool {
+        self == RedirectDir::On
+    }
+
+    pub fn follows(self) -> bool {
+        self != RedirectDir::NoFollow
+    }
+}
 
 /// Everything a mount needs to know, as given on the command line.
 #[derive(Debug, Clone, PartialEq)]
@@ -122,6 +143,8 @@ pub struct Config {
     pub xattrs: bool,
     /// fsync reaches the upper (`fsync=0` makes it a no-op, for throwaway uppers).
     pub fsync: bool,
+    /// `redirect_dir=`: the kernel module's default, `off` (redirects followed, not written).
+    pub redirect_dir: RedirectDir,
     /// `log_file=PATH`: once detached, log there instead of syslog.
     pub log_file: Option<PathBuf>,
     /// One line per accepted-but-not-implemented option, for main to log.
@@ -178,6 +201,7 @@ impl Config {
             xattrs: true,
             fsync: true,
             log_file: None,
+            redirect_dir: RedirectDir::Off,
             warnings: Vec::new(),
         }
     }
@@ -342,6 +366,7 @@ fn apply_option(key: &str, value: Option<&str>, cfg: &mut Config) -> Result<(), 
         "squash_to_gid" => cfg.squash_to_gid = Some(parse_id(key, required(key, value)?)?),
         "noxattrs" => cfg.xattrs = !parse_switch(key, required(key, value)?)?,
         "fsync" => cfg.fsync = parse_switch(key, required(key, value)?)?,
+        "redirect_dir" => cfg.redirect_dir = parse_redirect_dir(required(key, value)?)?,
         "log_file" => cfg.log_file = Some(PathBuf::from(unescape(required(key, value)?))),
         "plugins" => return err("option 'plugins' is not supported".to_owned()),
         _ => return apply_keyword(key, value, cfg),
@@ -418,6 +443,20 @@ fn parse_threads(key: &str, value: &str, zero_means_one: bool) -> Result<usize, 
             "option '{key}' needs a whole number of threads, not '{value}'"
         )),
     }
+}
+
+fn parse_redirect_dir(value: &str) -> Result<RedirectDir, ConfigError> {
+    Ok(match value {
+        "on" => RedirectDir::On,
+        "follow" => RedirectDir::Follow,
+        "off" => RedirectDir::Off,
+        "nofollow" => RedirectDir::NoFollow,
+        _ => {
+            return err(format!(
+                "option 'redirect_dir' needs on, follow, off or nofollow, not '{value}'"
+            ));
+        }
+    })
 }
 
 fn parse_mapping(key: &str, value: &str) -> Result<Vec<IdRange>, ConfigError> {

@@ -49,7 +49,12 @@ pub fn resolve(stack: &Stack, parent: &[DirLayer], name: &OsStr) -> io::Result<O
     let mut seek = Seek::Sibling(name.to_os_string());
     let mut next_parent = 0;
     let mut last_layer: Option<LayerId> = None;
+    // An absolute redirect's path went through an opaque directory: nothing below this layer.
+    let mut last_layer_to_search = false;
     loop {
+        if last_layer_to_search {
+            break;
+        }
         let (dl, name) = match &seek {
             Seek::Sibling(n) => {
                 let Some(dl) = parent.get(next_parent) else {
@@ -65,8 +70,15 @@ pub fn resolve(stack: &Stack, parent: &[DirLayer], name: &OsStr) -> io::Result<O
                 }
                 last_layer = Some(layer);
                 match walk_to_parent(stack, layer, path)? {
-                    Some(dl) => (dl, path.last().cloned().unwrap_or_default()),
-                    None => continue,
+                    Walk::Found {
+                        dir,
+                        opaque_on_the_way,
+                    } => {
+                        last_layer_to_search = opaque_on_the_way;
+                        (dir, path.last().cloned().unwrap_or_default())
+                    }
+                    Walk::Absent => continue,
+                    Walk::Blocked => break,
                 }
             }
         };
@@ -174,6 +186,9 @@ enum Redirect {
 }
 
 fn read_redirect(stack: &Stack, dir: XattrTarget<'_>) -> Option<Redirect> {
+    if !stack.follow_redirects {
+        return None;
+    }
     let v = dir.get_opt(&stack.names.name("redirect")).ok()??;
     if let Some(path) = v.strip_prefix(b"/") {
         let parts: Vec<OsString> = path
@@ -192,28 +207,46 @@ fn read_redirect(stack: &Stack, dir: XattrTarget<'_>) -> Option<Redirect> {
     }
 }
 
+/// What a walk down an absolute redirect's path met in one layer.
+enum Walk {
+    /// The parent directory of the path's last component; past an opaque directory on the
+    /// way, no further layer is searched.
+    Found {
+        dir: DirLayer,
+        opaque_on_the_way: bool,
+    },
+    /// Some directory on the way is missing: search the next layer.
+    Absent,
+    /// A whiteout or a non-directory on the way: the search ends here, as in the kernel.
+    Blocked,
+}
+
 /// The copy in `layer` of the parent directory of `path`, walked from the layer's root one
-/// component at a time; `None` when the layer has no such directory.
-fn walk_to_parent(
-    stack: &Stack,
-    layer: LayerId,
-    path: &[OsString],
-) -> io::Result<Option<DirLayer>> {
+/// component at a time with the kernel's rules for the components before the last.
+fn walk_to_parent(stack: &Stack, layer: LayerId, path: &[OsString]) -> io::Result<Walk> {
     let l = stack.layer(layer);
-    let mut fd = l.root.try_clone()?;
+    let mut dir = DirLayer::new(layer, l.root.try_clone()?, DirMarks::default());
+    let mut opaque_on_the_way = false;
     for comp in path.iter().take(path.len().saturating_sub(1)) {
-        match layer::stat_at(layer::borrow(&fd), comp) {
-            Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => {}
-            Ok(_) => return Ok(None),
+        let st = match layer::stat_at(fd_of(&dir.fd), comp) {
+            Ok(st) => st,
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => {
-                return Ok(None);
+                return Ok(Walk::Absent);
             }
             Err(e) => return Err(e),
+        };
+        if is_whiteout(stack, &dir, comp, &st) || st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+            return Ok(Walk::Blocked);
         }
-        fd = layer::open_dir_at(layer::borrow(&fd), comp)?;
+        let fd = layer::open_dir_at(fd_of(&dir.fd), comp)?;
+        let marks = read_dir_marks(stack, &fd);
+        opaque_on_the_way |= marks.opaque;
+        dir = DirLayer::new(layer, fd, marks);
     }
-    let marks = read_dir_marks(stack, &fd);
-    Ok(Some(DirLayer::new(layer, fd, marks)))
+    Ok(Walk::Found {
+        dir,
+        opaque_on_the_way,
+    })
 }
 
 /// The opaque and xattr-whiteout marks of one layer's copy of a directory, including the OCI

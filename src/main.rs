@@ -49,11 +49,13 @@ fn open_overlay(cfg: &Config) -> anyhow::Result<Overlay> {
     let names = XattrNames {
         userxattr: cfg.userxattr,
     };
-    let stack = Stack::open(cfg.upperdir.as_deref(), &cfg.lowerdirs, work, names)
+    let mut stack = Stack::open(cfg.upperdir.as_deref(), &cfg.lowerdirs, work, names)
         .context("cannot open the layers")?;
+    stack.follow_redirects = cfg.redirect_dir.follows();
     let opts = OverlayOptions {
         read_only: cfg.read_only || cfg.upperdir.is_none(),
         sync: cfg.fsync,
+        create_redirects: cfg.redirect_dir.creates(),
     };
     Overlay::new(stack, opts).context("cannot open the layers")
 }

@@ -32,6 +32,9 @@ pub struct OverlayOptions {
     /// fsync reaches the upper, and copy-ups are synced before they become visible
     /// (`fsync=0` turns both off: a crash may then leave partial copies, as the user chose).
     pub sync: bool,
+    /// `redirect_dir=on`: renaming a directory with lower content records where that content
+    /// lives (a redirect) instead of failing with EXDEV.
+    pub create_redirects: bool,
 }
 
 /// Where a node is reached in its top-most layer.

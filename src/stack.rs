@@ -26,6 +26,8 @@ pub struct Stack {
     pub work: Option<WorkDir>,
     /// Each layer's filesystem UUID, where the kernel reports one (for origin records).
     uuids: Vec<Option<[u8; 16]>>,
+    /// Directory redirects are followed on lookup (all but `redirect_dir=nofollow`).
+    pub follow_redirects: bool,
 }
 
 impl Stack {
@@ -75,6 +77,7 @@ impl Stack {
             names,
             xino_shift,
             work,
+            follow_redirects: true,
         })
     }
 

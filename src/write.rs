@@ -5,10 +5,10 @@
 //! `RENAME_EXCHANGE`.
 
 use std::ffi::OsStr;
-use std::os::unix::ffi::OsStrExt;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -20,13 +20,13 @@ use nix::unistd::{FchownatFlags, Gid, Uid, UnlinkatFlags};
 
 use crate::attr::{Attr, Caller};
 use crate::copyup::{CopyData, UPPER};
+use crate::format;
 use crate::handles::Handle;
 use crate::layer::{self, XattrTarget};
 use crate::lookup::{self, Resolved};
-use crate::node::{Backing, DirLayer, Ino, Node, fd_of};
+use crate::node::{Backing, DirLayer, Ino, Node, ROOT_INO, fd_of};
 use crate::overlay::{Location, Overlay, errno, open_passthrough_flags};
 use crate::readdir;
-use crate::format;
 
 /// How setattr changes one timestamp.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,9 +211,11 @@ impl Overlay {
                 // The new object shadows the marker already; removing it keeps the upper as
                 // plain as the kernel's (a crash before this leaves a harmless marker).
                 let marker = format::oci_whiteout_name(name);
-                if let Err(e) =
-                    nix::unistd::unlinkat(dir, OsStr::from_bytes(&marker), UnlinkatFlags::NoRemoveDir)
-                {
+                if let Err(e) = nix::unistd::unlinkat(
+                    dir,
+                    OsStr::from_bytes(&marker),
+                    UnlinkatFlags::NoRemoveDir,
+                ) {
                     tracing::warn!(name = ?name, error = %e, "cannot remove the OCI whiteout under a new object");
                 }
             }
@@ -222,6 +224,15 @@ impl Overlay {
             if let Err(e) = give_to(dir, name, caller.uid, gid) {
                 let _ = crate::workdir::remove_entry(dir, name);
                 return Err(e);
+            }
+            if is_dir && self.opts.create_redirects && parent.state().is_merged_dir() {
+                // As the kernel once redirects may be written (no more offline changes to
+                // the lowers): a new directory in a merged one is opaque. Only a shortcut for
+                // lookups, so a failure is not an error.
+                let opaque = self.stack.names.name("opaque");
+                if let Err(e) = XattrTarget::Entry(dir, name).set(&opaque, b"y", 0) {
+                    tracing::debug!(error = %e, "cannot mark a new directory opaque");
+                }
             }
         }
         let r = self
@@ -491,12 +502,91 @@ impl Overlay {
             && !self.has_origin(XattrTarget::Dir(fd_of(&only.fd))))
     }
 
-    /// A directory may move only if it is the upper's alone (`redirect_dir=off`).
+    /// A directory may move if it is the upper's alone, or with lower content only where
+    /// redirects are written (`redirect_dir=on`).
     fn can_move(&self, r: &Resolved) -> bool {
-        match &r.backing {
-            Backing::Dir(layers) => layers.len() == 1 && self.stack.is_upper(layers[0].layer),
-            Backing::NonDir { .. } => true,
+        self.opts.create_redirects || !self.has_lower_content(r)
+    }
+
+    /// True for a directory with a copy in a lower layer (the kernel's "merge or lower").
+    fn has_lower_content(&self, r: &Resolved) -> bool {
+        matches!(&r.backing, Backing::Dir(layers)
+            if layers.iter().any(|d| !self.stack.is_upper(d.layer)))
+    }
+
+    /// Records on the (copied-up) directory `node`, about to move away from `parent/name`,
+    /// where its lower content lives, as the kernel's `ovl_set_redirect`: its old name when it
+    /// stays in the same directory, else its absolute path. A redirect it has already is kept
+    /// when it still holds (same directory, or absolute). Fails with EXDEV, so that `mv`
+    /// copies instead, when the redirect cannot be written.
+    fn set_redirect(
+        &self,
+        node: &Arc<Node>,
+        parent: &Arc<Node>,
+        name: &OsStr,
+        samedir: bool,
+    ) -> io::Result<()> {
+        let upper = node.dir_fd(UPPER).ok_or_else(|| errno(libc::EIO))?;
+        let key = self.stack.names.name("redirect");
+        let own = self.upper_redirect(node);
+        if let Some(r) = &own
+            && (samedir || r.starts_with(b"/"))
+        {
+            return Ok(());
         }
+        let value = if samedir {
+            name.as_bytes().to_vec()
+        } else {
+            self.absolute_redirect(own, parent, name)?
+        };
+        if value.len() > REDIRECT_MAX {
+            return Err(errno(libc::EXDEV));
+        }
+        if let Err(e) = XattrTarget::Dir(fd_of(&upper)).set(&key, &value, 0) {
+            tracing::warn!(error = %e, "cannot write a directory redirect; the rename falls back to EXDEV");
+            return Err(errno(libc::EXDEV));
+        }
+        self.attrs_changed(node.ino);
+        Ok(())
+    }
+
+    /// The redirect recorded on `dir`'s upper copy, if it has both.
+    fn upper_redirect(&self, dir: &Node) -> Option<Vec<u8>> {
+        let upper = dir.dir_fd(UPPER)?;
+        XattrTarget::Dir(fd_of(&upper))
+            .get_opt(&self.stack.names.name("redirect"))
+            .ok()
+            .flatten()
+    }
+
+    /// The absolute redirect of the directory at `parent/name` whose own redirect is `own`:
+    /// its path from the root where each directory's own redirect stands for its name, up to
+    /// the first absolute one (the kernel's `ovl_get_redirect`).
+    fn absolute_redirect(
+        &self,
+        own: Option<Vec<u8>>,
+        parent: &Arc<Node>,
+        name: &OsStr,
+    ) -> io::Result<Vec<u8>> {
+        let mut parts = vec![own.unwrap_or_else(|| name.as_bytes().to_vec())];
+        let mut dir = parent.clone();
+        while !parts.last().is_some_and(|p| p.starts_with(b"/")) && dir.ino != ROOT_INO {
+            let (up, dir_name) = {
+                let st = dir.state();
+                let alias = st.primary_alias().ok_or_else(|| errno(libc::EXDEV))?;
+                (alias.parent.clone(), alias.name.as_bytes().to_vec())
+            };
+            parts.push(self.upper_redirect(&dir).unwrap_or(dir_name));
+            dir = up;
+        }
+        let mut path = Vec::new();
+        for part in parts.iter().rev() {
+            if !part.starts_with(b"/") {
+                path.push(b'/');
+            }
+            path.extend_from_slice(part);
+        }
+        Ok(path)
     }
 
     pub fn rename(
@@ -573,7 +663,10 @@ impl Overlay {
         // cannot know what the lowers hold under its new name), unless it already is.
         let is_merged = |n: &Node| n.state().is_merged_dir();
         let opaque = self.stack.names.name("opaque");
-        if src_is_dir && !is_opaque_dir(&src) && is_merged(&np) {
+        let samedir = op.ino == np.ino;
+        if src_is_dir && self.has_lower_content(&src) {
+            self.set_redirect(&src_node, &op, oldname, samedir)?;
+        } else if src_is_dir && !is_opaque_dir(&src) && is_merged(&np) {
             XattrTarget::Entry(od, oldname).set(&opaque, b"y", 0)?;
             // The mark stays if the rename fails, and the kernel keeps no cached attributes
             // fresh after a failed rename.
@@ -582,11 +675,14 @@ impl Overlay {
         if exchange
             && let Some(d) = &dst
             && matches!(d.backing, Backing::Dir(_))
-            && !is_opaque_dir(d)
-            && is_merged(&op)
         {
-            XattrTarget::Entry(nd, newname).set(&opaque, b"y", 0)?;
-            self.attrs_changed(self.ino_of(d));
+            if self.has_lower_content(d) {
+                let d_node = dst_node.as_ref().ok_or_else(|| errno(libc::ESTALE))?;
+                self.set_redirect(d_node, &np, newname, samedir)?;
+            } else if !is_opaque_dir(d) && is_merged(&op) {
+                XattrTarget::Entry(nd, newname).set(&opaque, b"y", 0)?;
+                self.attrs_changed(self.ino_of(d));
+            }
         }
         if !exchange && let Some(d) = &dst_node {
             self.keep_special_before_last_name_goes(d);
@@ -997,6 +1093,9 @@ fn add_mode_bits(dir: BorrowedFd<'_>, name: &OsStr, bits: u32) -> io::Result<()>
         nix::sys::stat::FchmodatFlags::FollowSymlink,
     )?)
 }
+
+/// The longest redirect written, as the kernel module's default `redirect_max`.
+const REDIRECT_MAX: usize = 256;
 
 /// What hides the lower objects of a name that a new upper object takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -154,3 +154,33 @@ fn ours_then_kernel() {
 fn kernel_then_ours() {
     run_seeds("kernel_then_ours", 6000, 10, Impl::Kernel, Impl::Ours);
 }
+
+/// Uppers written with directory renames (`redirect_dir=on` on both sides) read back the same
+/// under the other implementation.
+const REDIRECT_KERNEL_OPTS: &[&str] = &["redirect_dir=on", "index=off", "metacopy=off"];
+
+#[test]
+fn redirects_ours_then_kernel() {
+    ops::with_options(REDIRECT_KERNEL_OPTS, &["redirect_dir=on"], || {
+        run_seeds(
+            "redirects_ours_then_kernel",
+            7500,
+            6,
+            Impl::Ours,
+            Impl::Kernel,
+        );
+    });
+}
+
+#[test]
+fn redirects_kernel_then_ours() {
+    ops::with_options(REDIRECT_KERNEL_OPTS, &["redirect_dir=on"], || {
+        run_seeds(
+            "redirects_kernel_then_ours",
+            7600,
+            6,
+            Impl::Kernel,
+            Impl::Ours,
+        );
+    });
+}

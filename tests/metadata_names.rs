@@ -43,12 +43,18 @@ fn callers_cannot_make_marker_names() {
         let m = mount_ours(&[lower.root()], Some((&u, &w)), &[]);
         let p = m.path();
         assert_refused("create .wh.x", fs::write(p.join(".wh.x"), "forged"));
-        assert_refused("create .wh..wh..opq", fs::write(p.join("d/.wh..wh..opq"), ""));
+        assert_refused(
+            "create .wh..wh..opq",
+            fs::write(p.join("d/.wh..wh..opq"), ""),
+        );
         assert_refused("mkdir .wh.d", fs::create_dir(p.join(".wh.d")));
         assert_refused("symlink .wh.s", symlink("x", p.join(".wh.s")));
         assert_refused("link to .wh.x", fs::hard_link(p.join("x"), p.join(".wh.x")));
         fs::write(p.join("mine"), "mine").expect("create an ordinary file");
-        assert_refused("rename to .wh.x", fs::rename(p.join("mine"), p.join(".wh.x")));
+        assert_refused(
+            "rename to .wh.x",
+            fs::rename(p.join("mine"), p.join(".wh.x")),
+        );
         assert_eq!(names(p), ["d", "mine", "x"]);
         assert_eq!(names(&p.join("d")), ["kept"]);
     }
@@ -58,7 +64,10 @@ fn callers_cannot_make_marker_names() {
         "no marker may reach the upper: {upper_names:?}"
     );
     let m = mount_ours(&[lower.root()], Some((&u, &w)), &[]);
-    assert_eq!(fs::read_to_string(m.path().join("x")).expect("x"), "lower x");
+    assert_eq!(
+        fs::read_to_string(m.path().join("x")).expect("x"),
+        "lower x"
+    );
     assert_eq!(
         fs::read_to_string(m.path().join("d/kept")).expect("d/kept"),
         "lower kept",
@@ -81,7 +90,12 @@ fn markers_in_the_upper_are_honoured() {
         .file("kept", "lower kept");
     let (u, w) = (scratch.dir("u"), scratch.dir("w"));
     // An upper as containers/storage leaves it after applying a layer in the AUFS format.
-    for marker in [".wh.gone", ".wh.file_again", ".wh.dir_again", "opq/.wh..wh..opq"] {
+    for marker in [
+        ".wh.gone",
+        ".wh.file_again",
+        ".wh.dir_again",
+        "opq/.wh..wh..opq",
+    ] {
         let path = u.join(marker);
         fs::create_dir_all(path.parent().expect("parent")).expect("upper dir");
         fs::write(&path, "").expect("marker");
@@ -90,7 +104,11 @@ fn markers_in_the_upper_are_honoured() {
     let m = mount_ours(&[lower.root()], Some((&u, &w)), &[]);
     let p = m.path();
     assert_eq!(names(p), ["kept", "opq"]);
-    assert_eq!(names(&p.join("opq")), ["new"], "the opaque marker hides the lower");
+    assert_eq!(
+        names(&p.join("opq")),
+        ["new"],
+        "the opaque marker hides the lower"
+    );
     for hidden in ["gone", ".wh.gone", "opq/hidden", "opq/.wh..wh..opq"] {
         assert!(
             fs::symlink_metadata(p.join(hidden)).is_err(),

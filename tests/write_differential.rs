@@ -222,6 +222,18 @@ fn all_ops_match_kernel() {
     run_seeds("all_ops_match_kernel", 4000, 16, None, Impl::Ours);
 }
 
+/// The kernel's options for directory renames (`redirect_dir=on`) on both sides: renames of
+/// lower and merged directories write redirects instead of failing with EXDEV, new directories
+/// in merged ones are opaque; every operation kind, as `all_ops_match_kernel`.
+const REDIRECT_KERNEL_OPTS: &[&str] = &["redirect_dir=on", "index=off", "metacopy=off"];
+
+#[test]
+fn redirect_dir_on_matches_kernel() {
+    ops::with_options(REDIRECT_KERNEL_OPTS, &["redirect_dir=on"], || {
+        run_seeds("redirect_dir_on_matches_kernel", 7000, 10, None, Impl::Ours);
+    });
+}
+
 /// The harness itself: the kernel's overlayfs against itself over two copies of a stack must
 /// show no difference at all (timestamps, inode names, block counts and upper-directory
 /// comparison included). A failure here is a bug in the test code, not in ours.

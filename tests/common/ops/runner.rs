@@ -8,12 +8,48 @@ use super::*;
 /// (given explicitly: distributions change the module defaults).
 pub const KERNEL_OPTS: &[&str] = &["redirect_dir=off", "index=off", "metacopy=off"];
 
-/// `KERNEL_OPTS`, or `RSFS_KERNEL_OPTS` (comma-separated) to compare against another kernel
-/// configuration while debugging (e.g. `redirect_dir=off,index=on,metacopy=off`).
+/// Options a test asks for on both sides instead of the defaults (see `with_options`).
+struct OptionProfile {
+    kernel: Vec<String>,
+    ours: Vec<String>,
+}
+
+thread_local! {
+    static PROFILE: std::cell::RefCell<Option<OptionProfile>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with the kernel mounted with `kernel` (instead of `KERNEL_OPTS`) and ours with
+/// `ours` added, on this thread: how a test compares an optional feature, such as
+/// `redirect_dir=on`, on both sides.
+pub fn with_options<T>(kernel: &[&str], ours: &[&str], f: impl FnOnce() -> T) -> T {
+    let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+    PROFILE.with(|p| {
+        *p.borrow_mut() = Some(OptionProfile {
+            kernel: strings(kernel),
+            ours: strings(ours),
+        })
+    });
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            PROFILE.with(|p| *p.borrow_mut() = None);
+        }
+    }
+    let _reset = Reset;
+    f()
+}
+
+/// `KERNEL_OPTS` (or those of `with_options`), or `RSFS_KERNEL_OPTS` (comma-separated) to
+/// compare against another kernel configuration while debugging (e.g.
+/// `redirect_dir=off,index=on,metacopy=off`).
 pub fn kernel_opts() -> Vec<String> {
     match std::env::var("RSFS_KERNEL_OPTS") {
         Ok(s) if !s.trim().is_empty() => s.split(',').map(|x| x.trim().to_string()).collect(),
-        _ => KERNEL_OPTS.iter().map(|s| s.to_string()).collect(),
+        _ => PROFILE.with(|p| match &*p.borrow() {
+            Some(profile) => profile.kernel.clone(),
+            None => KERNEL_OPTS.iter().map(|s| s.to_string()).collect(),
+        }),
     }
 }
 
@@ -184,6 +220,11 @@ impl Impl {
 /// `timeout=0` to tell attribute-cache problems from others while debugging).
 pub fn our_opts() -> Vec<String> {
     let mut v = vec!["dev".to_string()];
+    PROFILE.with(|p| {
+        if let Some(profile) = &*p.borrow() {
+            v.extend(profile.ours.iter().cloned());
+        }
+    });
     if let Ok(extra) = std::env::var("RSFS_OURS_OPTS") {
         v.extend(
             extra
