@@ -52,11 +52,11 @@ impl Overlay {
     /// The upper copy of the directory `dir`, copying it (and its parents) up if needed.
     pub(crate) fn upper_dir(&self, dir: &Arc<Node>) -> io::Result<Arc<OwnedFd>> {
         self.work()?;
-        if let Some(fd) = dir.dir_fd(UPPER) {
+        if let Some(fd) = dir.dir_fd(UPPER)? {
             return Ok(fd);
         }
         self.copy_up(dir, CopyData::All)?;
-        dir.dir_fd(UPPER).ok_or_else(|| errno(libc::EIO))
+        dir.dir_fd(UPPER)?.ok_or_else(|| errno(libc::EIO))
     }
 
     /// Gives `node` an upper copy, unless it has one already.
@@ -108,7 +108,8 @@ impl Overlay {
             Backing::Dir(layers) => {
                 let fd = layer::open_dir_at(fd_of(&parent_upper), &name)?;
                 let marks = lookup::read_dir_marks(&self.stack, &fd);
-                layers.insert(0, DirLayer::new(UPPER, fd, marks));
+                let parent_copy = parent.dir_layer(UPPER).ok_or_else(|| errno(libc::EIO))?;
+                layers.insert(0, DirLayer::child(&parent_copy, &name, fd, marks)?);
             }
         }
         let others: Vec<_> = state.aliases.iter().skip(1).cloned().collect();

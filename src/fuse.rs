@@ -114,7 +114,11 @@ impl FuseAdapter {
         if to_disk {
             map_acl(value, |id| u.disk(id), |id| g.disk(id));
         } else {
-            map_acl(value, |id| u.presented(id), |id| g.presented(id));
+            map_acl(
+                value,
+                |id| u.presented_unsquashed(id),
+                |id| g.presented_unsquashed(id),
+            );
         }
     }
 }

@@ -80,11 +80,17 @@ impl IdMap {
         self.ranges.is_empty() && self.squash.is_none()
     }
 
-    /// The id shown through the mount for an id on disk.
+    /// The id shown through the mount as the owner of an object whose owner on disk is `disk`.
     pub fn presented(&self, disk: u32) -> u32 {
         if let Some(id) = self.squash {
             return id;
         }
+        self.presented_unsquashed(disk)
+    }
+
+    /// The id shown for `disk` where squashing does not apply: the ids named inside ACLs,
+    /// which squashing them would merge into duplicates the kernel then enforces.
+    pub fn presented_unsquashed(&self, disk: u32) -> u32 {
         self.map(disk, |r| (r.disk, r.presented))
     }
 
@@ -193,6 +199,7 @@ mod tests {
             squash: Some(0),
         };
         assert_eq!(m.presented(1234), 0);
+        assert_eq!(m.presented_unsquashed(1234), 1234);
         assert_eq!(m.disk(1234), 1234);
     }
 

@@ -24,6 +24,8 @@ pub struct Layer {
     pub id: LayerId,
     pub path: PathBuf,
     pub root: OwnedFd,
+    /// The root as a directory copy of the merge (never closed).
+    pub root_dir: std::sync::Arc<crate::dirfd::DirFd>,
     pub is_upper: bool,
     /// Index of the layer's filesystem among the distinct filesystems of the stack; objects of
     /// filesystem 0 keep their inode number, the others get the index in the high bits.
@@ -39,10 +41,12 @@ impl Layer {
             Mode::empty(),
         )?;
         let st = nix::sys::stat::fstat(&root)?;
+        let root_dir = crate::dirfd::DirFd::root(root.try_clone()?)?;
         Ok(Layer {
             id,
             path: path.to_path_buf(),
             root,
+            root_dir,
             is_upper,
             fs_index: 0,
             dev: st.st_dev,

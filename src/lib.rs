@@ -9,6 +9,7 @@ pub mod config;
 pub mod copyup;
 pub mod daemon;
 pub mod demo;
+pub mod dirfd;
 pub mod format;
 pub mod fuse;
 pub mod handles;

@@ -90,7 +90,7 @@ pub fn resolve(stack: &Stack, parent: &[DirLayer], name: &OsStr) -> io::Result<O
         if format::is_oci_marker(name.as_bytes()) {
             continue;
         }
-        let st = match layer::stat_at(fd_of(&dl.fd), name) {
+        let st = match layer::stat_at(fd_of(&dl.fd()?), name) {
             Ok(st) => st,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
                 if has_oci_whiteout(&dl, name)? {
@@ -111,7 +111,7 @@ pub fn resolve(stack: &Stack, parent: &[DirLayer], name: &OsStr) -> io::Result<O
             let origin = if is_lower {
                 None
             } else {
-                read_origin(stack, XattrTarget::Entry(fd_of(&dl.fd), name))
+                read_origin(stack, XattrTarget::Entry(fd_of(&dl.fd()?), name))
             };
             return Ok(Some(Resolved {
                 backing: Backing::NonDir { layer: dl.layer },
@@ -121,7 +121,7 @@ pub fn resolve(stack: &Stack, parent: &[DirLayer], name: &OsStr) -> io::Result<O
                 merge_origin: None,
             }));
         }
-        let fd = layer::open_dir_at(fd_of(&dl.fd), name)?;
+        let fd = layer::open_dir_at(fd_of(&dl.fd()?), name)?;
         let marks = read_dir_marks(stack, &fd);
         if top.is_none() && !is_lower {
             origin = read_origin(stack, XattrTarget::Dir(layer::borrow(&fd)));
@@ -131,7 +131,7 @@ pub fn resolve(stack: &Stack, parent: &[DirLayer], name: &OsStr) -> io::Result<O
         } else {
             read_redirect(stack, XattrTarget::Dir(layer::borrow(&fd)))
         };
-        dirs.push(DirLayer::new(dl.layer, fd, marks));
+        dirs.push(DirLayer::child(&dl, name, fd, marks)?);
         match &top {
             None => top = Some((st, dl.layer)),
             Some((_, t)) if merge_origin.is_none() && is_lower && stack.is_upper(*t) => {
@@ -225,10 +225,10 @@ enum Walk {
 /// component at a time with the kernel's rules for the components before the last.
 fn walk_to_parent(stack: &Stack, layer: LayerId, path: &[OsString]) -> io::Result<Walk> {
     let l = stack.layer(layer);
-    let mut dir = DirLayer::new(layer, l.root.try_clone()?, DirMarks::default());
+    let mut dir = DirLayer::root(layer, l.root_dir.clone(), DirMarks::default());
     let mut opaque_on_the_way = false;
     for comp in path.iter().take(path.len().saturating_sub(1)) {
-        let st = match layer::stat_at(fd_of(&dir.fd), comp) {
+        let st = match layer::stat_at(fd_of(&dir.fd()?), comp) {
             Ok(st) => st,
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => {
                 return Ok(Walk::Absent);
@@ -238,10 +238,10 @@ fn walk_to_parent(stack: &Stack, layer: LayerId, path: &[OsString]) -> io::Resul
         if is_whiteout(stack, &dir, comp, &st) || st.st_mode & libc::S_IFMT != libc::S_IFDIR {
             return Ok(Walk::Blocked);
         }
-        let fd = layer::open_dir_at(fd_of(&dir.fd), comp)?;
+        let fd = layer::open_dir_at(fd_of(&dir.fd()?), comp)?;
         let marks = read_dir_marks(stack, &fd);
         opaque_on_the_way |= marks.opaque;
-        dir = DirLayer::new(layer, fd, marks);
+        dir = DirLayer::child(&dir, comp, fd, marks)?;
     }
     Ok(Walk::Found {
         dir,
@@ -270,7 +270,7 @@ fn has_oci_whiteout(dl: &DirLayer, name: &OsStr) -> io::Result<bool> {
         return Ok(false);
     }
     let wh = format::oci_whiteout_name(name);
-    match layer::stat_at(fd_of(&dl.fd), OsStr::from_bytes(&wh)) {
+    match layer::stat_at(fd_of(&dl.fd()?), OsStr::from_bytes(&wh)) {
         Ok(_) => Ok(true),
         // A name too long to carry the prefix cannot have been whited out this way.
         Err(e)
@@ -288,13 +288,22 @@ fn has_oci_whiteout(dl: &DirLayer, name: &OsStr) -> io::Result<bool> {
 /// True when the entry `name` (with `lstat` result `st`) in one layer's copy of a directory
 /// is a whiteout in any of the kernel's formats.
 pub fn is_whiteout(stack: &Stack, dl: &DirLayer, name: &OsStr, st: &FileStat) -> bool {
-    format::is_char_whiteout(st)
-        || format::is_xattr_whiteout(
+    if format::is_char_whiteout(st) {
+        return true;
+    }
+    if !dl.marks.xwhiteouts {
+        return false;
+    }
+    // The copy was just listed or looked up, so its fd is open but for a race with the
+    // fd budget; a copy that cannot be reopened shows nothing anyway.
+    dl.fd().is_ok_and(|fd| {
+        format::is_xattr_whiteout(
             stack.names,
             st,
             dl.marks,
-            XattrTarget::Entry(fd_of(&dl.fd), name),
+            XattrTarget::Entry(fd_of(&fd), name),
         )
+    })
 }
 
 fn read_origin(stack: &Stack, target: XattrTarget<'_>) -> Option<Origin> {
@@ -309,7 +318,7 @@ fn holds_oci_markers(dl: &DirLayer) -> io::Result<bool> {
     if let Some(known) = dl.oci_markers.get() {
         return Ok(*known);
     }
-    let mut dir = nix::dir::Dir::from_fd(layer::reopen_dir(fd_of(&dl.fd))?)?;
+    let mut dir = nix::dir::Dir::from_fd(layer::reopen_dir(fd_of(&dl.fd()?))?)?;
     let mut found = false;
     for entry in dir.iter() {
         if format::is_oci_marker(entry?.file_name().to_bytes()) {

@@ -16,7 +16,7 @@ use rsfs_overlay::fuse::{FuseAdapter, Presentation};
 use rsfs_overlay::overlay::{Overlay, OverlayOptions};
 use rsfs_overlay::stack::Stack;
 use rsfs_overlay::workdir::WorkDir;
-use rsfs_overlay::{demo, logging, preflight, privilege, sys};
+use rsfs_overlay::{demo, dirfd, logging, preflight, privilege, sys};
 
 fn main() -> ExitCode {
     let is_root = nix::unistd::geteuid().is_root();
@@ -84,8 +84,9 @@ fn mount_and_serve(mut cfg: Config) -> anyhow::Result<()> {
     }
     // Modes of new objects are exactly what callers ask for; the kernel applied their umask.
     nix::sys::stat::umask(nix::sys::stat::Mode::empty());
-    if let Err(e) = sys::raise_nofile_limit() {
-        warn!(error = %e, "cannot raise the open file limit");
+    match sys::raise_nofile_limit() {
+        Ok(limit) => dirfd::set_budget_from_limit(limit),
+        Err(e) => warn!(error = %e, "cannot raise the open file limit"),
     }
     let overlay = open_overlay(&cfg)?;
     let ttl = cfg

@@ -12,6 +12,7 @@ use std::sync::{Arc, OnceLock};
 
 use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use crate::dirfd::DirFd;
 use crate::format::DirMarks;
 use crate::layer::LayerId;
 
@@ -24,7 +25,8 @@ pub const ROOT_INO: Ino = 1;
 #[derive(Debug, Clone)]
 pub struct DirLayer {
     pub layer: LayerId,
-    pub fd: Arc<OwnedFd>,
+    /// Its fd, which may be closed while unused and is reopened on demand (see `dirfd`).
+    pub dir: Arc<DirFd>,
     pub marks: DirMarks,
     /// Whether this copy holds any OCI `.wh.` marker, found by listing it once when first
     /// needed: a lower without any spares every missing name a second lookup.
@@ -32,13 +34,34 @@ pub struct DirLayer {
 }
 
 impl DirLayer {
-    pub fn new(layer: LayerId, fd: OwnedFd, marks: DirMarks) -> DirLayer {
+    /// A layer's root directory.
+    pub fn root(layer: LayerId, dir: Arc<DirFd>, marks: DirMarks) -> DirLayer {
         DirLayer {
             layer,
-            fd: Arc::new(fd),
+            dir,
             marks,
             oci_markers: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// The copy named `name` in `parent` (same layer), just opened as `fd`.
+    pub fn child(
+        parent: &DirLayer,
+        name: &OsStr,
+        fd: OwnedFd,
+        marks: DirMarks,
+    ) -> std::io::Result<DirLayer> {
+        Ok(DirLayer {
+            layer: parent.layer,
+            dir: DirFd::child(&parent.dir, name, fd)?,
+            marks,
+            oci_markers: Arc::new(OnceLock::new()),
+        })
+    }
+
+    /// The open fd of this copy.
+    pub fn fd(&self) -> std::io::Result<Arc<OwnedFd>> {
+        self.dir.get()
     }
 }
 
@@ -110,12 +133,15 @@ impl Node {
     }
 
     /// This directory's fd in `layer`, if it exists there.
-    pub fn dir_fd(&self, layer: LayerId) -> Option<Arc<OwnedFd>> {
+    /// The fd of this directory's copy in `layer`, if it has one.
+    pub fn dir_fd(&self, layer: LayerId) -> std::io::Result<Option<Arc<OwnedFd>>> {
+        self.dir_layer(layer).map(|d| d.fd()).transpose()
+    }
+
+    /// This directory's copy in `layer`, if it has one.
+    pub fn dir_layer(&self, layer: LayerId) -> Option<DirLayer> {
         match &self.state().backing {
-            Backing::Dir(layers) => layers
-                .iter()
-                .find(|d| d.layer == layer)
-                .map(|d| d.fd.clone()),
+            Backing::Dir(layers) => layers.iter().find(|d| d.layer == layer).cloned(),
             Backing::NonDir { .. } => None,
         }
     }
@@ -181,6 +207,24 @@ impl NodeState {
     }
 }
 
+/// Keeps the directory copies a node already has where a fresh lookup found the same
+/// directories: its children are reopened through those (see `dirfd`), and a rename updates
+/// those, so one directory copy must stay one `DirFd`.
+fn keep_dir_identities(old: &Backing, fresh: &mut Backing) {
+    let (Backing::Dir(old), Backing::Dir(fresh)) = (old, fresh) else {
+        return;
+    };
+    for copy in fresh.iter_mut() {
+        if let Some(known) = old
+            .iter()
+            .find(|o| o.layer == copy.layer && o.dir.same_dir(&copy.dir))
+        {
+            copy.dir = known.dir.clone();
+            copy.oci_markers = known.oci_markers.clone();
+        }
+    }
+}
+
 /// Borrow an fd held in an `Arc` for the duration of a call.
 pub fn fd_of(fd: &Arc<OwnedFd>) -> BorrowedFd<'_> {
     fd.as_fd()
@@ -212,8 +256,9 @@ impl NodeTable {
         let mut nodes = self.nodes.write();
         let node = match nodes.get(&fresh.ino) {
             Some(existing) => {
-                let fresh_state = fresh.state.into_inner();
+                let mut fresh_state = fresh.state.into_inner();
                 let mut st = existing.state.write();
+                keep_dir_identities(&st.backing, &mut fresh_state.backing);
                 st.backing = fresh_state.backing;
                 st.file_type = fresh_state.file_type;
                 st.add_alias(parent, name);

@@ -88,9 +88,8 @@ impl Overlay {
     pub fn new(stack: Stack, opts: OverlayOptions) -> io::Result<Overlay> {
         let mut roots = Vec::with_capacity(stack.layers.len());
         for l in &stack.layers {
-            let fd = l.root.try_clone()?;
-            let marks = lookup::read_dir_marks(&stack, &fd);
-            roots.push(DirLayer::new(l.id, fd, marks));
+            let marks = lookup::read_dir_marks(&stack, &l.root);
+            roots.push(DirLayer::root(l.id, l.root_dir.clone(), marks));
         }
         if !opts.read_only {
             init_uuid(&stack);
@@ -143,7 +142,7 @@ impl Overlay {
         match &st.backing {
             Backing::Dir(layers) => {
                 let top = layers.first().ok_or_else(|| errno(libc::ESTALE))?;
-                Ok((Location::Dir(top.fd.clone()), top.layer))
+                Ok((Location::Dir(top.fd()?), top.layer))
             }
             Backing::NonDir { layer } => {
                 let alias = st
@@ -152,7 +151,7 @@ impl Overlay {
                     .ok_or_else(|| errno(libc::ESTALE))?;
                 let dir = alias
                     .parent
-                    .dir_fd(*layer)
+                    .dir_fd(*layer)?
                     .ok_or_else(|| errno(libc::ESTALE))?;
                 Ok((Location::Entry(dir, alias.name.clone()), *layer))
             }
@@ -211,7 +210,7 @@ impl Overlay {
             // Recording changed the directory's ctime (and maybe its blocks) and its parent's.
             if let Backing::Dir(l) = &resolved.backing
                 && let Some(top) = l.first()
-                && let Ok(st) = layer::stat_fd(fd_of(&top.fd))
+                && let Ok(st) = layer::stat_fd(fd_of(&top.fd()?))
             {
                 resolved.stat = st;
             }
@@ -267,15 +266,20 @@ impl Overlay {
             return;
         }
         let (upper, lower) = (&layers[0], &layers[1]);
-        let Some(origin) = self.stack.origin_of(lower.layer, fd_of(&lower.fd), None) else {
+        let (Ok(upper_fd), Ok(lower_fd), Ok(parent_fd)) =
+            (upper.fd(), lower.fd(), upper_parent.fd())
+        else {
             return;
         };
-        let target = XattrTarget::Dir(fd_of(&upper.fd));
+        let Some(origin) = self.stack.origin_of(lower.layer, fd_of(&lower_fd), None) else {
+            return;
+        };
+        let target = XattrTarget::Dir(fd_of(&upper_fd));
         if let Err(e) = target.set(&self.stack.names.name("origin"), &origin.encode(), 0) {
             tracing::debug!(name = ?name, error = %e, "cannot record origin of merged directory");
             return;
         }
-        self.mark_impure(fd_of(&upper_parent.fd));
+        self.mark_impure(fd_of(&parent_fd));
     }
 
     pub fn forget(&self, ino: Ino, count: u64) {
@@ -389,7 +393,10 @@ impl Overlay {
         if self.opts.read_only || !self.stack.is_upper(dir.layer) {
             return;
         }
-        let target = XattrTarget::Dir(fd_of(&dir.fd));
+        let Ok(dir_fd) = dir.fd() else {
+            return;
+        };
+        let target = XattrTarget::Dir(fd_of(&dir_fd));
         let impure = self.stack.names.name("impure");
         if !matches!(target.get_opt(&impure), Ok(Some(_))) {
             return;
@@ -397,7 +404,7 @@ impl Overlay {
         let origin = self.stack.names.name("origin");
         let holds_origin = entries.iter().skip(2).any(|e| {
             !matches!(
-                XattrTarget::Entry(fd_of(&dir.fd), &e.name).get_opt(&origin),
+                XattrTarget::Entry(fd_of(&dir_fd), &e.name).get_opt(&origin),
                 Ok(None)
             )
         });

@@ -67,7 +67,7 @@ fn listing(
     for dl in layers {
         // Names this layer's OCI whiteouts hide in the layers below (not in this one).
         let mut hidden_below: Vec<OsString> = Vec::new();
-        let mut dir = Dir::from_fd(layer::reopen_dir(fd_of(&dl.fd))?)?;
+        let mut dir = Dir::from_fd(layer::reopen_dir(fd_of(&dl.fd()?))?)?;
         for item in dir.iter() {
             let item = item?;
             let bytes = item.file_name().to_bytes();
@@ -91,7 +91,7 @@ fn listing(
                 _ => false,
             };
             let (ino, file_type) = if may_be_whiteout || item.file_type().is_none() {
-                let st = match layer::stat_at(fd_of(&dl.fd), name) {
+                let st = match layer::stat_at(fd_of(&dl.fd()?), name) {
                     Ok(st) => st,
                     // Removed since the listing was read: as if never listed.
                     Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,

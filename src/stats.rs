@@ -106,7 +106,7 @@ pub fn summary() -> String {
         by_op.push("none".into());
     }
     format!(
-        "requests: {}; failed: {}; copy-ups: {} ({} bytes); read: {} bytes; written: {} bytes; live nodes: {}; open handles: {}",
+        "requests: {}; failed: {}; copy-ups: {} ({} bytes); read: {} bytes; written: {} bytes; live nodes: {}; open handles: {}; open directory fds: {}",
         by_op.join(" "),
         FAILURES.load(Ordering::Relaxed),
         COPY_UPS.load(Ordering::Relaxed),
@@ -115,6 +115,7 @@ pub fn summary() -> String {
         BYTES_WRITTEN.load(Ordering::Relaxed),
         NODES.load(Ordering::Relaxed),
         HANDLES.load(Ordering::Relaxed),
+        crate::dirfd::open_count(),
     )
 }
 

@@ -459,7 +459,7 @@ impl Overlay {
             } else if let Backing::Dir(layers) = &r.backing {
                 // Only whiteouts can be left in an empty merged directory's upper copy.
                 if let Some(top) = layers.first() {
-                    crate::workdir::clear_dir(fd_of(&top.fd))?;
+                    crate::workdir::clear_dir(fd_of(&top.fd()?))?;
                 }
                 nix::unistd::unlinkat(dir, name, UnlinkatFlags::RemoveDir)?;
             } else {
@@ -499,7 +499,7 @@ impl Overlay {
     /// record), so it cannot hold whiteouts that matter.
     fn is_pure_upper_dir(&self, layers: &[DirLayer]) -> bool {
         matches!(layers, [only] if self.stack.is_upper(only.layer)
-            && !self.has_origin(XattrTarget::Dir(fd_of(&only.fd))))
+            && only.fd().is_ok_and(|fd| !self.has_origin(XattrTarget::Dir(fd_of(&fd)))))
     }
 
     /// A directory may move if it is the upper's alone, or with lower content only where
@@ -526,7 +526,7 @@ impl Overlay {
         name: &OsStr,
         samedir: bool,
     ) -> io::Result<()> {
-        let upper = node.dir_fd(UPPER).ok_or_else(|| errno(libc::EIO))?;
+        let upper = node.dir_fd(UPPER)?.ok_or_else(|| errno(libc::EIO))?;
         let key = self.stack.names.name("redirect");
         let own = self.upper_redirect(node);
         if let Some(r) = &own
@@ -552,7 +552,7 @@ impl Overlay {
 
     /// The redirect recorded on `dir`'s upper copy, if it has both.
     fn upper_redirect(&self, dir: &Node) -> Option<Vec<u8>> {
-        let upper = dir.dir_fd(UPPER)?;
+        let upper = dir.dir_fd(UPPER).ok()??;
         XattrTarget::Dir(fd_of(&upper))
             .get_opt(&self.stack.names.name("redirect"))
             .ok()
@@ -697,7 +697,7 @@ impl Overlay {
             && !self.is_pure_upper_dir(layers)
             && let Some(l) = layers.first()
         {
-            crate::workdir::clear_dir(fd_of(&l.fd))?;
+            crate::workdir::clear_dir(fd_of(&l.fd()?))?;
         }
         let renamed = self.rename_in_upper(
             od,
@@ -726,11 +726,20 @@ impl Overlay {
             st.remove_alias(op.ino, oldname);
             st.add_alias(&np, newname);
         }
+        // A moved directory's upper copy is reopened from its new place from now on.
+        let upper_of = |n: &Node| n.dir_layer(UPPER);
+        if let (Some(moved), Some(to)) = (upper_of(&src_node), upper_of(&np)) {
+            moved.dir.moved_to(&to.dir, newname);
+        }
         if let Some(d) = dst_node {
             let mut st = d.state_mut();
             st.remove_alias(np.ino, newname);
             if exchange {
                 st.add_alias(&op, oldname);
+            }
+            drop(st);
+            if exchange && let (Some(moved), Some(to)) = (upper_of(&d), upper_of(&op)) {
+                moved.dir.moved_to(&to.dir, oldname);
             }
         }
         Ok(())
@@ -970,7 +979,7 @@ impl Overlay {
             return Ok(());
         }
         let node = self.node(ino)?;
-        match node.dir_fd(UPPER) {
+        match node.dir_fd(UPPER)? {
             Some(fd) if self.stack.has_upper => Ok(nix::unistd::fsync(fd.as_fd())?),
             _ => Ok(()),
         }
