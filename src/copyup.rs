@@ -205,13 +205,15 @@ impl Overlay {
                     st.st_rdev,
                 )?;
             }
-            (_, Location::Dir(_)) => return Err(errno(libc::EIO)),
+            // Copy-up reads lower objects, which never need a kept fd.
+            (_, Location::Dir(_) | Location::Kept(_)) => return Err(errno(libc::EIO)),
         }
         let dst = XattrTarget::Entry(wd, tmp);
         copy_xattrs(&self.stack.names, loc.xattr_target(), dst)?;
         let origin_fd = match loc {
             Location::Dir(fd) => self.stack.origin_of(lower, fd_of(fd), None),
             Location::Entry(dir, name) => self.stack.origin_of(lower, fd_of(dir), Some(name)),
+            Location::Kept(_) => None,
         };
         if let Some(origin) = &origin_fd {
             dst.set(&self.stack.names.name("origin"), &origin.encode(), 0)?;

@@ -62,6 +62,9 @@ pub struct DirFd {
     fd: RwLock<Option<Arc<OwnedFd>>>,
     /// Used since the last sweep passed it.
     used: AtomicBool,
+    /// Never closed: a removed directory, whose inode (and so its number, our node id) must
+    /// stay alive while the kernel may still ask for it.
+    pinned: AtomicBool,
 }
 
 impl DirFd {
@@ -73,6 +76,7 @@ impl DirFd {
             id,
             fd: RwLock::new(Some(Arc::new(fd))),
             used: AtomicBool::new(true),
+            pinned: AtomicBool::new(false),
         }))
     }
 
@@ -84,6 +88,7 @@ impl DirFd {
             id,
             fd: RwLock::new(Some(Arc::new(fd))),
             used: AtomicBool::new(true),
+            pinned: AtomicBool::new(false),
         });
         opened(&dir);
         Ok(dir)
@@ -101,6 +106,13 @@ impl DirFd {
     /// True when both name the same directory (device and inode).
     pub fn same_dir(&self, other: &DirFd) -> bool {
         self.id == other.id
+    }
+
+    /// Keeps the copy open from now on: called before its directory loses its last name, so
+    /// that the filesystem cannot reuse its inode number while the kernel may still know it.
+    pub fn pin(self: &Arc<Self>) -> io::Result<()> {
+        self.pinned.store(true, Ordering::Relaxed);
+        self.get().map(drop)
     }
 
     /// Records a rename: the copy is now `name` in `parent`.
@@ -135,7 +147,7 @@ impl DirFd {
 
     /// Closes the fd if the copy can be reopened (not a layer root). True when closed.
     fn close(&self) -> bool {
-        if self.place.lock().is_none() {
+        if self.place.lock().is_none() || self.pinned.load(Ordering::Relaxed) {
             return false;
         }
         self.fd.write().take().is_some()

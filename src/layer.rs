@@ -101,6 +101,17 @@ pub fn open_at(dir: BorrowedFd<'_>, name: &OsStr, flags: OFlag, mode: u32) -> io
     }
 }
 
+/// Opens the object `fd` refers to (an `O_PATH` fd, or any other) anew with `flags`, through
+/// `/proc/self/fd`: for objects that no longer have a name to open them by.
+pub fn reopen(fd: BorrowedFd<'_>, flags: OFlag) -> io::Result<OwnedFd> {
+    let path = sys::proc_path(fd, None)?;
+    Ok(nix::fcntl::open(
+        path.as_c_str(),
+        flags | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?)
+}
+
 /// Opens the directory `name` inside `dir` for reading (listing, fstat, xattrs, and as the
 /// base of further `*at` calls).
 pub fn open_dir_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd> {

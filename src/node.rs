@@ -277,6 +277,25 @@ impl NodeTable {
     }
 
     /// Drops `count` kernel references; the node leaves the table at zero (the root never).
+    /// Counts one kernel reference to `node` handed out by a reply other than a lookup (a
+    /// new hard link's entry): the kernel forgets it like any other, so it must be counted,
+    /// or the node would go, and with it what keeps its inode number from being reused,
+    /// while the kernel still uses it.
+    pub fn count_reference(&self, node: &Arc<Node>) {
+        let mut nodes = self.nodes.write();
+        match nodes.get(&node.ino) {
+            Some(live) if Arc::ptr_eq(live, node) => {}
+            Some(_) => {}
+            None => {
+                nodes.insert(node.ino, node.clone());
+                crate::stats::nodes_changed(1);
+            }
+        }
+        if let Some(live) = nodes.get(&node.ino) {
+            live.lookups.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     pub fn forget(&self, ino: Ino, count: u64) {
         if ino == ROOT_INO {
             return;

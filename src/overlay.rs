@@ -43,20 +43,33 @@ pub(crate) enum Location {
     Dir(Arc<OwnedFd>),
     /// Anything else: its parent directory's fd in the same layer, and its name there.
     Entry(Arc<OwnedFd>, OsString),
+    /// A regular file of the upper that lost its last name while the kernel still holds it:
+    /// the file itself, opened read-only from the fd kept when its name went (its old name
+    /// may hold something else by now).
+    Kept(Arc<OwnedFd>),
 }
 
 impl Location {
     pub(crate) fn xattr_target(&self) -> XattrTarget<'_> {
         match self {
-            Location::Dir(fd) => XattrTarget::Dir(fd_of(fd)),
+            Location::Dir(fd) | Location::Kept(fd) => XattrTarget::Dir(fd_of(fd)),
             Location::Entry(dir, name) => XattrTarget::Entry(fd_of(dir), name),
         }
     }
 
     pub(crate) fn stat(&self) -> io::Result<FileStat> {
         match self {
-            Location::Dir(fd) => layer::stat_fd(fd_of(fd)),
+            Location::Dir(fd) | Location::Kept(fd) => layer::stat_fd(fd_of(fd)),
             Location::Entry(dir, name) => layer::stat_at(fd_of(dir), name),
+        }
+    }
+
+    /// Opens the non-directory here with `flags` (never following a symlink).
+    pub(crate) fn open(&self, flags: OFlag) -> io::Result<OwnedFd> {
+        match self {
+            Location::Entry(dir, name) => layer::open_at(fd_of(dir), name, flags, 0),
+            Location::Kept(fd) => layer::reopen(fd_of(fd), flags),
+            Location::Dir(_) => Err(errno(libc::EISDIR)),
         }
     }
 }
@@ -145,6 +158,13 @@ impl Overlay {
                 Ok((Location::Dir(top.fd()?), top.layer))
             }
             Backing::NonDir { layer } => {
+                let upper = self.stack.is_upper(*layer);
+                if st.aliases.is_empty() && upper {
+                    // Its old name in the upper may hold something else by now (a whiteout,
+                    // a new file): only the fd kept when the name went reaches it.
+                    return Self::kept_location(&st).map(|loc| (loc, *layer));
+                }
+                // A lower object keeps its lower name: the lowers never change.
                 let alias = st
                     .primary_alias()
                     .or(st.last_removed())
@@ -153,8 +173,62 @@ impl Overlay {
                     .parent
                     .dir_fd(*layer)?
                     .ok_or_else(|| errno(libc::ESTALE))?;
+                if upper {
+                    // A request racing with a rename or unlink of this name may find the name
+                    // already holding something else (a whiteout above all): never act on that.
+                    let found = layer::stat_at(fd_of(&dir), &alias.name);
+                    if !found.is_ok_and(|f| f.st_mode & libc::S_IFMT == st.file_type) {
+                        return Self::kept_location(&st).map(|loc| (loc, *layer));
+                    }
+                }
                 Ok((Location::Entry(dir, alias.name.clone()), *layer))
             }
+        }
+    }
+
+    /// Where an upper object whose name no longer leads to it is reached: a regular file
+    /// through the fd kept when its name went; anything else is gone for us (ENOENT).
+    fn kept_location(st: &NodeState) -> io::Result<Location> {
+        match (&st.kept, st.file_type) {
+            (Some(kept), libc::S_IFREG) => Ok(Location::Kept(Arc::new(layer::reopen(
+                fd_of(kept),
+                OFlag::O_RDONLY,
+            )?))),
+            _ => Err(errno(libc::ENOENT)),
+        }
+    }
+
+    /// Opens the non-directory `node`, found at `loc`, with `flags`. A name being removed
+    /// or replaced right now (by a request racing with this one) may already hold something
+    /// else, a whiteout above all: then the object is reached through the fd kept before its
+    /// name went, as the kernel's overlay reaches the real inode its dentry holds.
+    pub(crate) fn open_object(
+        &self,
+        node: &Node,
+        loc: &Location,
+        flags: OFlag,
+    ) -> io::Result<OwnedFd> {
+        let want = node.state().file_type;
+        let opened = loc.open(flags).and_then(|fd| {
+            let st = layer::stat_fd(layer::borrow(&fd))?;
+            if st.st_mode & libc::S_IFMT == want {
+                Ok(fd)
+            } else {
+                Err(errno(libc::ENXIO))
+            }
+        });
+        match opened {
+            Err(e)
+                if e.raw_os_error() == Some(libc::ENXIO)
+                    || e.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                let kept = node.state().kept.clone();
+                match kept {
+                    Some(kept) => layer::reopen(fd_of(&kept), flags),
+                    None => Err(errno(libc::ENOENT)),
+                }
+            }
+            other => other,
         }
     }
 
@@ -169,6 +243,38 @@ impl Overlay {
     /// The inode number reported for a resolved object: a copied-up object keeps its lower
     /// origin's number (as the kernel: unless the origin is a hard link, whose names may have
     /// been copied up to different files), so `st_ino` survives copy-up and remount.
+    /// Live nodes other than `ino_of(r)`'s that still hold the name `parent/name` for the
+    /// object `r`: a copied-up hard link's number changes with what the mount knows (see
+    /// `ino_of`), so a node made under the other number may hold the name too. A removal or
+    /// rename must update them all, or one keeps a name that now holds something else.
+    pub(crate) fn other_nodes_named(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        r: &Resolved,
+    ) -> Vec<Arc<Node>> {
+        let primary = self.ino_of(r);
+        let mut candidates = vec![self.stack.reported_ino(r.top, r.stat.st_ino)];
+        if let Some(origin) = &r.origin
+            && let Some((layer, st)) = self.stack.find_origin(origin)
+        {
+            candidates.push(self.stack.reported_ino(layer, st.st_ino));
+        }
+        candidates.sort_unstable();
+        candidates.dedup();
+        candidates
+            .into_iter()
+            .filter(|&ino| ino != primary)
+            .filter_map(|ino| self.nodes.get(ino))
+            .filter(|n| {
+                n.state()
+                    .aliases
+                    .iter()
+                    .any(|a| a.parent.ino == parent && a.name == name)
+            })
+            .collect()
+    }
+
     pub(crate) fn ino_of(&self, r: &Resolved) -> Ino {
         if let Some(origin) = &r.origin
             && let Some((layer, st)) = self.stack.find_origin(origin)
@@ -319,7 +425,7 @@ impl Overlay {
         let node = self.node(ino)?;
         match self.locate(&node)? {
             (Location::Entry(dir, name), _) => layer::readlink_at(fd_of(&dir), &name),
-            (Location::Dir(_), _) => Err(errno(libc::EINVAL)),
+            (Location::Dir(_) | Location::Kept(_), _) => Err(errno(libc::EINVAL)),
         }
     }
 
@@ -334,10 +440,7 @@ impl Overlay {
             return self.open_for_write(&node, flags, caller);
         }
         let (loc, layer) = self.locate(&node)?;
-        let Location::Entry(dir, name) = loc else {
-            return Err(errno(libc::EISDIR));
-        };
-        let fd = layer::open_at(fd_of(&dir), &name, open_passthrough_flags(flags), 0)?;
+        let fd = self.open_object(&node, &loc, open_passthrough_flags(flags))?;
         let in_upper = self.stack.is_upper(layer);
         let fh = self.handles.insert(Handle::File {
             ino,

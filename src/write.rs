@@ -86,10 +86,13 @@ impl Overlay {
     }
 
     /// True when the upper copy of `dir` holds a whiteout (or anything hidden) at `name`.
+    /// A name too long to exist is not there (an OCI marker for a 252-255 byte name).
     fn upper_has_entry(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<bool> {
         match layer::stat_at(dir, name) {
             Ok(_) => Ok(true),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENAMETOOLONG)) => {
+                Ok(false)
+            }
             Err(e) => Err(e),
         }
     }
@@ -378,8 +381,11 @@ impl Overlay {
         }
         self.copy_up(&node, CopyData::All)?;
         let new_upper = self.upper_dir(&np)?;
-        let (Location::Entry(old_dir, old_name), _) = self.locate(&node)? else {
-            return Err(errno(libc::EPERM));
+        let (old_dir, old_name) = match self.locate(&node)? {
+            (Location::Entry(dir, name), _) => (dir, name),
+            // A file without a name cannot get one back (as linkat(2) of an unlinked file).
+            (Location::Kept(_), _) => return Err(errno(libc::ENOENT)),
+            (Location::Dir(_), _) => return Err(errno(libc::EPERM)),
         };
         let link = |dir: BorrowedFd<'_>, name: &OsStr| -> io::Result<()> {
             Ok(nix::unistd::linkat(
@@ -414,6 +420,7 @@ impl Overlay {
             self.mark_impure(dir);
         }
         node.state_mut().add_alias(&np, newname);
+        self.nodes.count_reference(&node);
         Ok(self.attr_of(&node, &st))
     }
 
@@ -447,8 +454,9 @@ impl Overlay {
     /// Removes `name` (resolved as `r`) from the merged view.
     fn remove_entry(&self, parent: &Arc<Node>, name: &OsStr, r: &Resolved) -> io::Result<()> {
         let node = self.nodes.get(self.ino_of(r));
-        if let Some(node) = &node {
-            self.keep_special_before_last_name_goes(node);
+        let others = self.other_nodes_named(parent.ino, name, r);
+        for n in node.iter().chain(&others) {
+            self.keep_before_last_name_goes(n);
         }
         let needs_whiteout = self.lowers_have(parent, name)?;
         let upper = self.upper_dir(parent)?;
@@ -476,15 +484,30 @@ impl Overlay {
             }
             node.state_mut().remove_alias(parent.ino, name);
         }
+        for n in others {
+            n.state_mut().remove_alias(parent.ino, name);
+        }
         Ok(())
     }
 
-    /// Takes an `O_PATH` fd of a special file about to lose its last name (see
-    /// `NodeState::kept`). Best effort: without it, `fstat` of the gone object fails ENOENT.
-    fn keep_special_before_last_name_goes(&self, node: &Node) {
+    /// Takes an `O_PATH` fd of an upper object about to lose its last name (see
+    /// `NodeState::kept`). Best effort: without it, the gone object answers ENOENT. A lower
+    /// object needs none: it stays where it is in its lower layer.
+    fn keep_before_last_name_goes(&self, node: &Node) {
+        if let Some(upper) = node.dir_layer(UPPER) {
+            // A directory's open copy keeps its inode alive: no more closing it for the budget.
+            if let Err(e) = upper.dir.pin() {
+                tracing::debug!(error = %e, "cannot keep a removed directory open");
+            }
+            return;
+        }
         {
+            // Any name may be the last one the kernel does not know about (hard links): keep
+            // the object whenever one of its upper names goes.
             let st = node.state();
-            if matches!(st.file_type, libc::S_IFREG | libc::S_IFDIR) || st.aliases.len() != 1 {
+            let in_upper =
+                matches!(st.backing, Backing::NonDir { layer } if self.stack.is_upper(layer));
+            if st.file_type == libc::S_IFDIR || !in_upper {
                 return;
             }
         }
@@ -652,6 +675,11 @@ impl Overlay {
             Some(d) => self.nodes.get(self.ino_of(d)),
             None => None,
         };
+        let dst_others = match &dst {
+            Some(d) => self.other_nodes_named(np.ino, newname, d),
+            None => Vec::new(),
+        };
+        let src_others = self.other_nodes_named(op.ino, oldname, &src);
         if exchange && let Some(d) = &dst_node {
             self.copy_up(d, CopyData::All)?;
         }
@@ -684,8 +712,10 @@ impl Overlay {
                 self.attrs_changed(self.ino_of(d));
             }
         }
-        if !exchange && let Some(d) = &dst_node {
-            self.keep_special_before_last_name_goes(d);
+        if !exchange {
+            for d in dst_node.iter().chain(&dst_others) {
+                self.keep_before_last_name_goes(d);
+            }
         }
         if !exchange
             && let Some(Resolved {
@@ -725,6 +755,14 @@ impl Overlay {
             let mut st = src_node.state_mut();
             st.remove_alias(op.ino, oldname);
             st.add_alias(&np, newname);
+        }
+        for n in src_others {
+            n.state_mut().remove_alias(op.ino, oldname);
+        }
+        if !exchange {
+            for n in dst_others {
+                n.state_mut().remove_alias(np.ino, newname);
+            }
         }
         // A moved directory's upper copy is reopened from its new place from now on.
         let upper_of = |n: &Node| n.dir_layer(UPPER);
@@ -813,10 +851,22 @@ impl Overlay {
         };
         self.copy_up(&node, data)?;
         let (loc, _) = self.locate(&node)?;
+        if let Location::Kept(_) = &loc {
+            // Unlinked, not open through us, still held by the kernel (a path through
+            // /proc/PID/fd): change the file itself, never what its old name holds now.
+            let access = if set.size.is_some() {
+                OFlag::O_WRONLY
+            } else {
+                OFlag::O_RDONLY
+            };
+            let file = File::from(loc.open(access)?);
+            return self.setattr_open_file(&node, &file, set);
+        }
         let st = loc.stat()?;
         let (dir, name): (BorrowedFd<'_>, Option<&OsStr>) = match &loc {
             Location::Dir(fd) => (fd_of(fd), None),
             Location::Entry(d, n) => (fd_of(d), Some(n.as_os_str())),
+            Location::Kept(_) => return Err(errno(libc::ENOENT)),
         };
         if set.uid.is_some() || set.gid.is_some() || set.ctime_only {
             let uid = set.uid.map(Uid::from_raw);
@@ -889,8 +939,8 @@ impl Overlay {
             return Ok(());
         }
         match loc {
-            Location::Entry(dir, name) => {
-                File::from(layer::open_at(fd_of(dir), name, OFlag::O_WRONLY, 0)?).set_len(size)
+            Location::Entry(..) | Location::Kept(_) => {
+                File::from(self.open_object(node, loc, OFlag::O_WRONLY)?).set_len(size)
             }
             Location::Dir(_) => Err(errno(libc::EISDIR)),
         }
@@ -910,10 +960,8 @@ impl Overlay {
             CopyData::All
         };
         self.copy_up(node, data)?;
-        let (Location::Entry(dir, name), _) = self.locate(node)? else {
-            return Err(errno(libc::EISDIR));
-        };
-        let fd = layer::open_at(fd_of(&dir), &name, open_passthrough_flags(flags), 0)?;
+        let (loc, _) = self.locate(node)?;
+        let fd = self.open_object(node, &loc, open_passthrough_flags(flags))?;
         let fh = self.handles.insert(Handle::File {
             ino: node.ino,
             file: File::from(fd),

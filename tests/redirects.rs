@@ -91,12 +91,20 @@ fn moving_a_deep_lower_tree_copies_nothing() {
         fs::rename(m.path().join("dest/moved"), m.path().join("dest/moved2"))
             .expect("second rename");
         assert!(!m.path().join("src/tree").exists(), "the old name is gone");
-        assert_eq!(tree(&m.path().join("dest/moved2")), before, "through the mount");
+        assert_eq!(
+            tree(&m.path().join("dest/moved2")),
+            before,
+            "through the mount"
+        );
     }
     assert_eq!(file_bytes(&u), 0, "no file data may be copied to the upper");
     {
         let m = mount_ours(&[lower.root()], Some((&u, &w)), &["redirect_dir=on"]);
-        assert_eq!(tree(&m.path().join("dest/moved2")), before, "after a remount");
+        assert_eq!(
+            tree(&m.path().join("dest/moved2")),
+            before,
+            "after a remount"
+        );
         assert!(!m.path().join("src/tree").exists());
     }
     let kw = scratch.dir("kw");
