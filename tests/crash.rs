@@ -13,7 +13,7 @@
 //! - `<workdir>/work` is empty after the remount (the mount removes the crashed run's temporaries);
 //! - the upper layer holds nothing the merged view does not explain: no stray temporaries.
 //!
-//! `RSFS_CRASH_ROUNDS` sets the number of rounds (default 50), `RSFS_CRASH_SEED` the base seed.
+//! `RSFS_CRASH_ROUNDS` sets the number of rounds (default 100, as issue 7 asks), `RSFS_CRASH_SEED` the base seed.
 //! A second test compares how many blocks a copy-up of a sparse file takes, ours vs the kernel.
 
 mod common;
@@ -861,7 +861,7 @@ fn sigkill_during_workload_leaves_old_or_new_versions() {
     if !require_root_and_fuse() {
         return;
     }
-    let rounds = env_u64("RSFS_CRASH_ROUNDS").unwrap_or(50) as usize;
+    let rounds = env_u64("RSFS_CRASH_ROUNDS").unwrap_or(100) as usize;
     let base = env_u64("RSFS_CRASH_SEED").unwrap_or(0x5eed_c4a5);
     let t0 = Instant::now();
     let fx = Fixture::build(base);
