@@ -917,7 +917,10 @@ impl Overlay {
             nix::sys::stat::fchmod(file, Mode::from_bits_truncate(mode & 0o7777))?;
         }
         if let Some(size) = set.size {
-            file.set_len(size)?;
+            // The open file found may be read-only (another opener's): truncate through a
+            // writable opening of the same file.
+            let writable = File::from(layer::reopen(file.as_fd(), OFlag::O_WRONLY)?);
+            writable.set_len(size)?;
         }
         if set.atime != TimeSet::Omit || set.mtime != TimeSet::Omit {
             nix::sys::stat::futimens(file, &set.atime.timespec(), &set.mtime.timespec())?;
