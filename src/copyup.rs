@@ -105,12 +105,15 @@ impl Overlay {
         let mut state = node.state_mut();
         match &mut state.backing {
             Backing::NonDir { layer } => *layer = UPPER,
-            Backing::Dir(layers) => {
+            // A lookup racing with this copy-up may have refreshed the node with the new
+            // upper copy already: one directory must not appear twice in its own merge.
+            Backing::Dir(layers) if !layers.iter().any(|d| d.layer == UPPER) => {
                 let fd = layer::open_dir_at(fd_of(&parent_upper), &name)?;
                 let marks = lookup::read_dir_marks(&self.stack, &fd);
                 let parent_copy = parent.dir_layer(UPPER).ok_or_else(|| errno(libc::EIO))?;
                 layers.insert(0, DirLayer::child(&parent_copy, &name, fd, marks)?);
             }
+            Backing::Dir(_) => {}
         }
         let others: Vec<_> = state.aliases.iter().skip(1).cloned().collect();
         drop(state);
