@@ -89,7 +89,14 @@ pub fn serve(
     install_signal_handlers(cfg.mountpoint.clone())?;
     info!(mountpoint = %cfg.mountpoint.display(), "mounted");
     ready();
-    session.run()?;
+    if let Err(e) = session.run() {
+        // A lazy unmount while requests are in flight can end the channel with an error
+        // other than ENODEV; once our mount is gone that is an ordinary end, not a failure.
+        if is_still_mounted(&cfg.mountpoint) {
+            return Err(e);
+        }
+        info!(error = %e, "the FUSE channel ended with an error after the unmount");
+    }
     info!(mountpoint = %cfg.mountpoint.display(), "unmounted");
     Ok(())
 }
@@ -177,4 +184,16 @@ pub fn detach_stdio() -> io::Result<()> {
     nix::unistd::dup2_stdout(&null)?;
     nix::unistd::dup2_stderr(&null)?;
     Ok(())
+}
+
+/// True while `/proc/self/mountinfo` lists a FUSE mount at `mountpoint`.
+fn is_still_mounted(mountpoint: &std::path::Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return true;
+    };
+    let target = mountpoint.to_string_lossy();
+    info.lines().any(|line| {
+        let mut fields = line.split(' ');
+        fields.nth(4) == Some(target.as_ref()) && line.contains(" - fuse")
+    })
 }
