@@ -537,6 +537,37 @@ impl Overlay {
             if layers.iter().any(|d| !self.stack.is_upper(d.layer)))
     }
 
+    /// Before a directory moves from `from/name` (its upper entry `dir/name`) into `into`, as
+    /// the kernel: one with lower content records where that content lives (a redirect); one
+    /// without, moving into a merged directory, becomes opaque unless it is already. Anything
+    /// but a directory is left alone.
+    #[allow(clippy::too_many_arguments)]
+    fn prepare_moving_dir(
+        &self,
+        r: &Resolved,
+        node: Option<&Arc<Node>>,
+        from: &Arc<Node>,
+        name: &OsStr,
+        dir: BorrowedFd<'_>,
+        into: &Node,
+        samedir: bool,
+    ) -> io::Result<()> {
+        if !matches!(r.backing, Backing::Dir(_)) {
+            return Ok(());
+        }
+        if self.has_lower_content(r) {
+            let node = node.ok_or_else(|| errno(libc::ESTALE))?;
+            return self.set_redirect(node, from, name, samedir);
+        }
+        if !is_opaque_dir(r) && into.state().is_merged_dir() {
+            XattrTarget::Entry(dir, name).set(&self.stack.names.name("opaque"), b"y", 0)?;
+            // The mark stays if the rename fails, and the kernel keeps no cached attributes
+            // fresh after a failed rename.
+            self.attrs_changed(self.ino_of(r));
+        }
+        Ok(())
+    }
+
     /// Records on the (copied-up) directory `node`, about to move away from `parent/name`,
     /// where its lower content lives, as the kernel's `ovl_set_redirect`: its old name when it
     /// stays in the same directory, else its absolute path. A redirect it has already is kept
@@ -687,30 +718,10 @@ impl Overlay {
         let new_upper = self.upper_dir(&np)?;
         let (od, nd) = (fd_of(&old_upper), fd_of(&new_upper));
         let old_needs_whiteout = !exchange && self.lowers_have(&op, oldname)?;
-        // A directory that moves into a merged directory becomes opaque (as the kernel: it
-        // cannot know what the lowers hold under its new name), unless it already is.
-        let is_merged = |n: &Node| n.state().is_merged_dir();
-        let opaque = self.stack.names.name("opaque");
         let samedir = op.ino == np.ino;
-        if src_is_dir && self.has_lower_content(&src) {
-            self.set_redirect(&src_node, &op, oldname, samedir)?;
-        } else if src_is_dir && !is_opaque_dir(&src) && is_merged(&np) {
-            XattrTarget::Entry(od, oldname).set(&opaque, b"y", 0)?;
-            // The mark stays if the rename fails, and the kernel keeps no cached attributes
-            // fresh after a failed rename.
-            self.attrs_changed(src_ino);
-        }
-        if exchange
-            && let Some(d) = &dst
-            && matches!(d.backing, Backing::Dir(_))
-        {
-            if self.has_lower_content(d) {
-                let d_node = dst_node.as_ref().ok_or_else(|| errno(libc::ESTALE))?;
-                self.set_redirect(d_node, &np, newname, samedir)?;
-            } else if !is_opaque_dir(d) && is_merged(&op) {
-                XattrTarget::Entry(nd, newname).set(&opaque, b"y", 0)?;
-                self.attrs_changed(self.ino_of(d));
-            }
+        self.prepare_moving_dir(&src, Some(&src_node), &op, oldname, od, &np, samedir)?;
+        if exchange && let Some(d) = &dst {
+            self.prepare_moving_dir(d, dst_node.as_ref(), &np, newname, nd, &op, samedir)?;
         }
         if !exchange {
             for d in dst_node.iter().chain(&dst_others) {
