@@ -13,6 +13,8 @@ use clap::error::ErrorKind;
 use clap::{Arg, ArgAction, value_parser};
 
 use crate::config::{self, Config, ConfigError, IGNORED_OPTIONS, NOT_IMPLEMENTED_OPTIONS};
+use crate::tools::layertar::Compression;
+use crate::tools::{ToolCommand, UsageTarget, apply, export};
 
 /// What the user asked for.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,6 +27,8 @@ pub enum Command {
     Mount(Config),
     /// Run the demonstration.
     Demo,
+    /// One of the layer tools (export, diff, apply, usage).
+    Tool(ToolCommand),
 }
 
 /// Why the command line was not accepted.
@@ -188,6 +192,10 @@ pub fn command() -> clap::Command {
         .long_about(LONG_ABOUT)
         .override_usage(
             "rsfs-overlay [-f] [-d] -o OPTION[,OPTION...] [SOURCE] MOUNTPOINT\n       \
+             rsfs-overlay export --upper DIR [--lowerdir L1:L2...] [-o FILE|-] [--gzip|--zstd]\n       \
+             rsfs-overlay diff --upper DIR [--lowerdir L1:L2...]\n       \
+             rsfs-overlay apply LAYER DIR [--format kernel|oci]\n       \
+             rsfs-overlay usage MOUNTPOINT | --upper DIR [--json]\n       \
              rsfs-overlay demo",
         )
         .after_help(options_help())
@@ -243,6 +251,183 @@ pub fn command() -> clap::Command {
             clap::Command::new("demo")
                 .about("Run a short demonstration on sample layers in a temporary directory"),
         )
+        .subcommands(tool_commands())
+}
+
+fn upper_arg(required: bool) -> Arg {
+    Arg::new("upper")
+        .long("upper")
+        .value_name("DIR")
+        .required(required)
+        .value_parser(value_parser!(PathBuf))
+        .help("The upper (writable) layer directory, mounted or not")
+}
+
+fn lowerdir_arg() -> Arg {
+    Arg::new("lowerdir")
+        .long("lowerdir")
+        .value_name("L1:L2...")
+        .value_parser(value_parser!(String))
+        .help("The lower layers under the upper, top-most first, as in lowerdir=")
+}
+
+/// The layer tools' subcommands.
+fn tool_commands() -> Vec<clap::Command> {
+    vec![
+        clap::Command::new("export")
+            .about("Write the upper's changes as an OCI image layer (tar) and print its digest")
+            .long_about(
+                "Write the upper's changes as an OCI image layer: new and changed files with \
+                 their metadata and xattrs, whiteouts as .wh.NAME, opaque directories with \
+                 .wh..wh..opq, hard links as links, renamed (redirected) directories whole. \
+                 The output is deterministic. Prints 'sha256:HEX SIZE' of the written blob on \
+                 stdout, or on stderr when the layer itself goes to stdout.",
+            )
+            .arg(upper_arg(true))
+            .arg(lowerdir_arg().help(
+                "The lowers: needed for directories renamed with redirect_dir=on and for \
+                 metacopy files",
+            ))
+            .arg(
+                Arg::new("output")
+                    .short('o')
+                    .long("output")
+                    .value_name("FILE")
+                    .default_value("-")
+                    .value_parser(value_parser!(PathBuf))
+                    .help("Where to write the layer; '-' for stdout"),
+            )
+            .arg(
+                Arg::new("gzip")
+                    .long("gzip")
+                    .action(ArgAction::SetTrue)
+                    .conflicts_with("zstd")
+                    .help("Compress with gzip (tar+gzip media type)"),
+            )
+            .arg(
+                Arg::new("zstd")
+                    .long("zstd")
+                    .action(ArgAction::SetTrue)
+                    .help("Compress with zstd (tar+zstd media type)"),
+            ),
+        clap::Command::new("diff")
+            .about("List the upper's changes as podman diff does: A, C or D and a path")
+            .arg(upper_arg(true))
+            .arg(lowerdir_arg().help(
+                "The lowers under the upper, top-most first; without them the upper's own \
+                 records decide (whiteouts: D, copied up: C, else A)",
+            )),
+        clap::Command::new("apply")
+            .about("Unpack an OCI image layer (tar, tar.gz or tar.zst) into a directory to use as a lower")
+            .arg(
+                Arg::new("layer")
+                    .value_name("LAYER")
+                    .required(true)
+                    .value_parser(value_parser!(PathBuf))
+                    .help("The layer file; '-' for stdin"),
+            )
+            .arg(
+                Arg::new("dir")
+                    .value_name("DIR")
+                    .required(true)
+                    .value_parser(value_parser!(PathBuf))
+                    .help("The directory to unpack into (created if missing)"),
+            )
+            .arg(
+                Arg::new("format")
+                    .long("format")
+                    .value_name("FORMAT")
+                    .value_parser(["kernel", "oci"])
+                    .default_value("kernel")
+                    .help(
+                        "kernel: whiteouts as char 0/0 devices and opaque xattrs (readable by \
+                         kernel overlayfs); oci: .wh. entries kept as files",
+                    ),
+            ),
+        clap::Command::new("usage")
+            .about("Print the bytes and inodes the writable layer holds")
+            .arg(
+                Arg::new("mountpoint")
+                    .value_name("MOUNTPOINT")
+                    .required_unless_present("upper")
+                    .conflicts_with("upper")
+                    .value_parser(value_parser!(PathBuf))
+                    .help("A live rsfs-overlay mount: answered from the daemon's counters"),
+            )
+            .arg(upper_arg(false).help("An unmounted upper directory: answered by a walk"))
+            .arg(
+                Arg::new("json")
+                    .long("json")
+                    .action(ArgAction::SetTrue)
+                    .help("Print one JSON object"),
+            ),
+    ]
+}
+
+fn tool_command(name: &str, m: &clap::ArgMatches) -> Result<Option<ToolCommand>, CliError> {
+    let path = |id: &str| m.get_one::<PathBuf>(id).cloned();
+    let lowers = || -> Result<Vec<PathBuf>, CliError> {
+        match m.get_one::<String>("lowerdir") {
+            Some(v) => Ok(config::split_lowerdir(v)?),
+            None => Ok(Vec::new()),
+        }
+    };
+    let required = |id: &str| {
+        path(id).ok_or_else(|| {
+            CliError::from(
+                command().error(ErrorKind::MissingRequiredArgument, format!("missing {id}")),
+            )
+        })
+    };
+    Ok(Some(match name {
+        "export" => {
+            let output = match path("output") {
+                Some(p) if p.as_os_str() != "-" => export::Output::File(p),
+                _ => export::Output::Stdout,
+            };
+            let compression = if m.get_flag("gzip") {
+                Compression::Gzip
+            } else if m.get_flag("zstd") {
+                Compression::Zstd
+            } else {
+                Compression::None
+            };
+            ToolCommand::Export(export::ExportRequest {
+                upper: required("upper")?,
+                lowers: lowers()?,
+                output,
+                compression,
+            })
+        }
+        "diff" => ToolCommand::Diff {
+            upper: required("upper")?,
+            lowers: lowers()?,
+        },
+        "apply" => {
+            let layer = required("layer")?;
+            let format = match m.get_one::<String>("format").map(String::as_str) {
+                Some("oci") => apply::Format::Oci,
+                _ => apply::Format::Kernel,
+            };
+            ToolCommand::Apply(apply::ApplyRequest {
+                layer: (layer.as_os_str() != "-").then_some(layer),
+                dir: required("dir")?,
+                format,
+            })
+        }
+        "usage" => {
+            let target = match (path("mountpoint"), path("upper")) {
+                (_, Some(u)) => UsageTarget::Upper(u),
+                (Some(mp), None) => UsageTarget::Mount(mp),
+                (None, None) => return Ok(None),
+            };
+            ToolCommand::Usage {
+                target,
+                json: m.get_flag("json"),
+            }
+        }
+        _ => return Ok(None),
+    }))
 }
 
 /// Parses a whole command line (`args[0]` is the program name). `is_root` selects the default
@@ -255,6 +440,9 @@ where
     let matches = command().try_get_matches_from(args)?;
     match matches.subcommand() {
         Some(("demo", _)) => return Ok(Command::Demo),
+        Some((name, sub)) if let Some(tool) = tool_command(name, sub)? => {
+            return Ok(Command::Tool(tool));
+        }
         Some((name, _)) => {
             let message = format!("subcommand '{name}' is not handled");
             return Err(command()
@@ -431,6 +619,59 @@ mod tests {
                 panic!("root={is_root}");
             };
             assert_eq!((cfg.allow_other, cfg.suid), (is_root, is_root));
+        }
+    }
+
+    #[test]
+    fn tool_subcommands() {
+        let tool = |args: &[&str]| {
+            let argv = std::iter::once("rsfs-overlay").chain(args.iter().copied());
+            match parse_cli(argv, true) {
+                Ok(Command::Tool(t)) => t,
+                other => panic!("{args:?}: {other:?}"),
+            }
+        };
+        let ToolCommand::Export(req) =
+            tool(&["export", "--upper", "/u", "--lowerdir", "/a:/b", "--zstd"])
+        else {
+            panic!("export");
+        };
+        assert_eq!(req.upper, PathBuf::from("/u"));
+        assert_eq!(req.lowers, [PathBuf::from("/a"), PathBuf::from("/b")]);
+        assert_eq!(req.output, export::Output::Stdout);
+        assert_eq!(req.compression, Compression::Zstd);
+        let ToolCommand::Export(req) = tool(&["export", "--upper", "/u", "-o", "l.tar"]) else {
+            panic!("export -o");
+        };
+        assert_eq!(req.output, export::Output::File(PathBuf::from("l.tar")));
+        assert_eq!(
+            tool(&["diff", "--upper", "/u"]),
+            ToolCommand::Diff {
+                upper: PathBuf::from("/u"),
+                lowers: Vec::new()
+            }
+        );
+        let ToolCommand::Apply(req) = tool(&["apply", "-", "/d", "--format", "oci"]) else {
+            panic!("apply");
+        };
+        assert_eq!((req.layer, req.format), (None, apply::Format::Oci));
+        assert_eq!(
+            tool(&["usage", "/merged", "--json"]),
+            ToolCommand::Usage {
+                target: UsageTarget::Mount(PathBuf::from("/merged")),
+                json: true
+            }
+        );
+        for bad in [
+            &["export"][..],
+            &["usage"],
+            &["usage", "/m", "--upper", "/u"],
+            &["export", "--upper", "/u", "--gzip", "--zstd"],
+            &["apply", "l.tar"],
+            &["apply", "l.tar", "/d", "--format", "aufs"],
+        ] {
+            let argv = std::iter::once("rsfs-overlay").chain(bad.iter().copied());
+            assert!(parse_cli(argv, true).is_err(), "{bad:?} accepted");
         }
     }
 

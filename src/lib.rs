@@ -26,5 +26,7 @@ pub mod readdir;
 pub mod stack;
 pub mod stats;
 pub mod sys;
+pub mod tools;
+pub mod upperwalk;
 pub mod workdir;
 pub mod write;

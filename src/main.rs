@@ -16,7 +16,7 @@ use rsfs_overlay::fuse::{FuseAdapter, Presentation};
 use rsfs_overlay::overlay::{Overlay, OverlayOptions};
 use rsfs_overlay::stack::Stack;
 use rsfs_overlay::workdir::WorkDir;
-use rsfs_overlay::{demo, dirfd, logging, preflight, privilege, sys};
+use rsfs_overlay::{demo, dirfd, logging, preflight, privilege, sys, tools};
 
 fn main() -> ExitCode {
     let is_root = nix::unistd::geteuid().is_root();
@@ -28,6 +28,10 @@ fn main() -> ExitCode {
     let result = match command {
         Command::Demo => demo::run().context("demo failed"),
         Command::Mount(cfg) => mount_and_serve(cfg),
+        Command::Tool(tool) => {
+            logging::init(false);
+            tools::run(&tool)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
