@@ -727,6 +727,10 @@ impl Filesystem for FuseAdapter {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if ino.0 == crate::node::ROOT_INO && name == crate::usage::USAGE_XATTR {
+            let res = self.overlay.upper_usage().map(|u| u.line().into_bytes());
+            return reply_xattr("getxattr", ino.0, res, size, reply);
+        }
         let res = self.xattr_allowed(name).and_then(|()| {
             let mut value = self.overlay.getxattr(ino.0, name)?;
             self.map_acl_value(name, &mut value, false);

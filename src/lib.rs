@@ -28,5 +28,6 @@ pub mod stats;
 pub mod sys;
 pub mod tools;
 pub mod upperwalk;
+pub mod usage;
 pub mod workdir;
 pub mod write;
