@@ -115,6 +115,7 @@ impl Overlay {
             }
             Backing::Dir(_) => {}
         }
+        node.backing_changed(&mut state);
         let others: Vec<_> = state.aliases.iter().skip(1).cloned().collect();
         drop(state);
         // The copy has a new ctime (a merged directory also a new link count) and its parent

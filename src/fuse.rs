@@ -603,7 +603,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let res = self.overlay.readdir(ino.0, fh.0);
+        let res = self.overlay.readdir_at(ino.0, fh.0, offset);
         log_result("readdir", ino.0, &res);
         match res {
             Ok(entries) => {
@@ -632,7 +632,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let res = self.overlay.readdir(ino.0, fh.0);
+        let res = self.overlay.readdir_at(ino.0, fh.0, offset);
         log_result("readdirplus", ino.0, &res);
         let entries = match res {
             Ok(entries) => entries,

@@ -7,7 +7,7 @@ use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use crate::node::Ino;
 use crate::readdir::DirEntry;
@@ -22,7 +22,9 @@ pub enum Handle {
     },
     Dir {
         ino: Ino,
-        entries: Arc<Vec<DirEntry>>,
+        /// The merged listing read through this handle: taken by the first read and again by
+        /// every read from offset 0 (see `Overlay::readdir_at`), `None` before that.
+        entries: Mutex<Option<Arc<Vec<DirEntry>>>>,
     },
 }
 

@@ -18,6 +18,18 @@ use crate::layer::LayerId;
 
 /// The inode number we report for an object, which is also its FUSE node id.
 pub type Ino = u64;
+
+/// Counts the changes our own operations make to a node's backing behind the kernel's back
+/// (copy-up: the kernel locks only the directory where a change is made, so a lookup of the
+/// object copied up, in its parent, runs beside it). Each change stamps its node with the count
+/// reached; see `backing_changes`.
+static BACKING_CHANGES: AtomicU64 = AtomicU64::new(0);
+
+/// The count of backing changes so far. A lookup takes it before it resolves a name: a node
+/// stamped later was changed while the resolution ran, which may then predate the change.
+pub fn backing_changes() -> u64 {
+    BACKING_CHANGES.load(Ordering::SeqCst)
+}
 /// FUSE's fixed node id of the mount's root.
 pub const ROOT_INO: Ino = 1;
 
@@ -105,6 +117,8 @@ pub struct NodeState {
 pub struct Node {
     pub ino: Ino,
     lookups: AtomicU64,
+    /// The value of `BACKING_CHANGES` set by the last change to the backing made by us.
+    backing_stamp: AtomicU64,
     state: RwLock<NodeState>,
     /// Serializes copy-up of this object; copy-ups of other objects proceed in parallel.
     pub copy_up_lock: Mutex<()>,
@@ -115,6 +129,7 @@ impl Node {
         Node {
             ino,
             lookups: AtomicU64::new(0),
+            backing_stamp: AtomicU64::new(0),
             state: RwLock::new(state),
             copy_up_lock: Mutex::new(()),
         }
@@ -126,6 +141,13 @@ impl Node {
 
     pub fn state_mut(&self) -> RwLockWriteGuard<'_, NodeState> {
         self.state.write()
+    }
+
+    /// Records that the backing just changed (by a copy-up): called with `state` held for
+    /// writing, so that `remember` sees the stamp together with the change.
+    pub fn backing_changed(&self, _state: &mut NodeState) {
+        let stamp = BACKING_CHANGES.fetch_add(1, Ordering::SeqCst) + 1;
+        self.backing_stamp.store(stamp, Ordering::SeqCst);
     }
 
     pub fn is_dir(&self) -> bool {
@@ -251,16 +273,31 @@ impl NodeTable {
     }
 
     /// Returns the live node for `ino`, refreshed with `fresh`'s backing and alias, or inserts
-    /// `fresh`; either way counts one kernel reference.
-    pub fn remember(&self, fresh: Node, parent: &Arc<Node>, name: &OsStr) -> Arc<Node> {
+    /// `fresh`; either way counts one kernel reference. `fresh` was resolved from what the
+    /// layers held once `backing_changes` had reached `resolved_since`: a node whose backing we
+    /// changed after that keeps its own (the resolution may not have seen the change: a lookup
+    /// that missed a copy-up must not take the copy away from the node, whose next write would
+    /// copy up again over it). True with the node when it kept its backing so.
+    pub fn remember(
+        &self,
+        fresh: Node,
+        parent: &Arc<Node>,
+        name: &OsStr,
+        resolved_since: u64,
+    ) -> (Arc<Node>, bool) {
         let mut nodes = self.nodes.write();
+        let mut kept_own = false;
         let node = match nodes.get(&fresh.ino) {
             Some(existing) => {
                 let mut fresh_state = fresh.state.into_inner();
                 let mut st = existing.state.write();
-                keep_dir_identities(&st.backing, &mut fresh_state.backing);
-                st.backing = fresh_state.backing;
-                st.file_type = fresh_state.file_type;
+                if existing.backing_stamp.load(Ordering::SeqCst) > resolved_since {
+                    kept_own = true;
+                } else {
+                    keep_dir_identities(&st.backing, &mut fresh_state.backing);
+                    st.backing = fresh_state.backing;
+                    st.file_type = fresh_state.file_type;
+                }
                 st.add_alias(parent, name);
                 existing.clone()
             }
@@ -273,7 +310,7 @@ impl NodeTable {
             }
         };
         node.lookups.fetch_add(1, Ordering::Relaxed);
-        node
+        (node, kept_own)
     }
 
     /// Drops `count` kernel references; the node leaves the table at zero (the root never).
@@ -319,5 +356,38 @@ impl NodeTable {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_in(layer: LayerId) -> NodeState {
+        NodeState::new(Backing::NonDir { layer }, libc::S_IFREG)
+    }
+
+    #[test]
+    fn a_resolution_older_than_a_copy_up_keeps_the_copy() {
+        let table = NodeTable::default();
+        let root = table.insert_root(Node::new(ROOT_INO, file_in(0)));
+        let name = OsStr::new("f");
+        // Resolved in the lower, then copied up before the resolution is remembered.
+        let since = backing_changes();
+        let (node, kept) = table.remember(Node::new(7, file_in(1)), &root, name, since);
+        assert!(!kept);
+        let stale_since = backing_changes();
+        {
+            let mut st = node.state_mut();
+            st.backing = Backing::NonDir { layer: 0 };
+            node.backing_changed(&mut st);
+        }
+        let (again, kept) = table.remember(Node::new(7, file_in(1)), &root, name, stale_since);
+        assert!(kept && Arc::ptr_eq(&node, &again));
+        assert_eq!(node.state().top_layer(), Some(0));
+        // A resolution that began after the copy-up refreshes the node as usual.
+        let (_, kept) = table.remember(Node::new(7, file_in(0)), &root, name, backing_changes());
+        assert!(!kept);
+        assert_eq!(node.state().top_layer(), Some(0));
     }
 }

@@ -294,20 +294,36 @@ impl Overlay {
         self.stack.reported_ino(r.top, r.stat.st_ino)
     }
 
-    /// Registers what `name` in `parent` resolved to, counting one kernel reference.
-    pub(crate) fn remember(&self, parent: &Arc<Node>, name: &OsStr, r: Resolved) -> Attr {
+    /// Registers what `name` in `parent` resolved to, counting one kernel reference; `since`
+    /// is `node::backing_changes()` taken before the resolution began (see
+    /// `NodeTable::remember`).
+    pub(crate) fn remember(
+        &self,
+        parent: &Arc<Node>,
+        name: &OsStr,
+        r: Resolved,
+        since: u64,
+    ) -> Attr {
         let ino = self.ino_of(&r);
         let attr = Attr::from_stat(&r.stat, ino, r.is_merged_dir());
         let node = Node::new(
             ino,
             NodeState::new(r.backing, r.stat.st_mode & libc::S_IFMT),
         );
-        self.nodes.remember(node, parent, name);
+        let (node, kept_own) = self.nodes.remember(node, parent, name, since);
+        if kept_own {
+            // The resolution raced with a copy-up of the object: its attributes are the
+            // copy's now.
+            if let Ok(fresh) = self.getattr(node.ino, None) {
+                return fresh;
+            }
+        }
         attr
     }
 
     pub fn lookup(&self, parent: Ino, name: &OsStr) -> io::Result<Attr> {
         let parent = self.node(parent)?;
+        let since = crate::node::backing_changes();
         let layers = Self::dir_layers(&parent)?;
         let mut resolved =
             lookup::resolve(&self.stack, &layers, name)?.ok_or_else(|| errno(libc::ENOENT))?;
@@ -323,9 +339,9 @@ impl Overlay {
             self.attrs_changed(parent.ino);
         }
         if let Some(relinked) = self.join_copied_hard_link(&parent, name, &resolved) {
-            return Ok(self.remember(&parent, name, relinked));
+            return Ok(self.remember(&parent, name, relinked, since));
         }
-        Ok(self.remember(&parent, name, resolved))
+        Ok(self.remember(&parent, name, resolved, since))
     }
 
     /// A lower name of a hard-linked file this mount already copied up (through another name)
@@ -473,7 +489,46 @@ impl Overlay {
         self.handles.remove(ino, fh).map(drop)
     }
 
+    /// Opens a directory. Its listing is taken when it is read (see `readdir_at`), not here.
     pub fn opendir(&self, ino: Ino) -> io::Result<u64> {
+        let node = self.node(ino)?;
+        Self::dir_layers(&node)?;
+        Ok(self.handles.insert(Handle::Dir {
+            ino,
+            entries: parking_lot::Mutex::new(None),
+        }))
+    }
+
+    /// The merged listing of `ino` as the read at `offset` through `fh` sees it: offsets index
+    /// a snapshot, so reading on stays stable while the directory changes; it is taken by the
+    /// first read and taken again by every read from offset 0 (a rewind). Never at opendir:
+    /// the kernel reads from offset 0 under the directory's lock and caches what we answer
+    /// (`FOPEN_CACHE_DIR`) as the directory's content at that moment, so a snapshot from
+    /// before an entry was created there would stay cached without the entry until the next
+    /// change; the kernel's overlay too lists afresh on every rewind.
+    pub fn readdir_at(&self, ino: Ino, fh: u64, offset: u64) -> io::Result<Arc<Vec<DirEntry>>> {
+        let handle = self.handles.get(ino, fh)?;
+        let Handle::Dir { entries, .. } = &*handle else {
+            return Err(errno(libc::ENOTDIR));
+        };
+        let mut snapshot = entries.lock();
+        if offset != 0
+            && let Some(taken) = &*snapshot
+        {
+            return Ok(taken.clone());
+        }
+        let taken = Arc::new(self.merged_listing(ino)?);
+        *snapshot = Some(taken.clone());
+        Ok(taken)
+    }
+
+    /// The listing read through `fh` from its start (see `readdir_at`).
+    pub fn readdir(&self, ino: Ino, fh: u64) -> io::Result<Arc<Vec<DirEntry>>> {
+        self.readdir_at(ino, fh, 0)
+    }
+
+    /// The merged listing of the directory `ino` now.
+    fn merged_listing(&self, ino: Ino) -> io::Result<Vec<DirEntry>> {
         let node = self.node(ino)?;
         let layers = Self::dir_layers(&node)?;
         let dotdot = node
@@ -484,10 +539,7 @@ impl Overlay {
         if let [only] = layers.as_slice() {
             self.drop_unneeded_impure(ino, only, &entries);
         }
-        Ok(self.handles.insert(Handle::Dir {
-            ino,
-            entries: Arc::new(entries),
-        }))
+        Ok(entries)
     }
 
     /// An upper-only directory marked impure that no longer holds any entry with an origin
@@ -513,15 +565,6 @@ impl Overlay {
         });
         if !holds_origin && target.remove(&impure).is_ok() {
             self.attrs_changed(ino);
-        }
-    }
-
-    /// The snapshot taken at `opendir`; the adapter sends it from the requested offset.
-    pub fn readdir(&self, ino: Ino, fh: u64) -> io::Result<Arc<Vec<DirEntry>>> {
-        let handle = self.handles.get(ino, fh)?;
-        match &*handle {
-            Handle::Dir { entries, .. } => Ok(entries.clone()),
-            Handle::File { .. } => Err(errno(libc::ENOTDIR)),
         }
     }
 

@@ -1,7 +1,7 @@
-//! The merged listing of a directory, taken once per `opendir` as a snapshot: upper first,
-//! then the lowers; a name already seen, a whiteout, or an OCI marker is skipped, and the
-//! layer list already ends at the first opaque copy. Offsets index the snapshot, so reading
-//! stays stable while the directory changes.
+//! The merged listing of a directory, taken as a snapshot when a handle reads from offset 0:
+//! upper first, then the lowers; a name already seen, a whiteout, or an OCI marker is skipped,
+//! and the layer list already ends at the first opaque copy. Offsets index the snapshot, so
+//! reading on stays stable while the directory changes.
 
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};

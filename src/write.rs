@@ -238,10 +238,11 @@ impl Overlay {
                 }
             }
         }
+        let since = crate::node::backing_changes();
         let r = self
             .resolve_child(parent, name)?
             .ok_or_else(|| errno(libc::EIO))?;
-        Ok(self.remember(parent, name, r))
+        Ok(self.remember(parent, name, r, since))
     }
 
     /// The permission bits of a new object: the caller's umask applies unless the parent has a
