@@ -38,6 +38,9 @@ pub enum Item {
     },
     /// A regular file, symlink, device, fifo or socket.
     Object,
+    /// The directory being listed is opaque (by attribute or OCI marker): reported once among
+    /// its entries, at the place its OCI marker `.wh..wh..opq` sorts.
+    OpaqueMarker,
 }
 
 /// One entry met by the walk.
@@ -132,8 +135,19 @@ pub fn sorted_names(dir: &OwnedFd) -> io::Result<Vec<Vec<u8>>> {
     Ok(names)
 }
 
+/// The name an entry has in an OCI layer, which orders the walk: a whiteout sorts as
+/// `.wh.NAME`, an opaque directory's marker as `.wh..wh..opq`.
+pub fn layer_name(shown: &[u8], item: &Item) -> Vec<u8> {
+    match item {
+        Item::Whiteout => format::oci_whiteout_name(OsStr::from_bytes(shown)),
+        Item::OpaqueMarker => format::OCI_OPAQUE_MARKER.to_vec(),
+        _ => shown.to_vec(),
+    }
+}
+
 /// Walks the upper below `root` (the root itself is not visited), calling `visit` for every
-/// entry in pre-order. OCI opaque markers are reported through their directory's `opaque`.
+/// entry in pre-order, the entries of each directory in the bytewise order of their
+/// [`layer_name`], so the walk lists an upper in the order its layer tar is sorted.
 pub fn walk(
     root: &OwnedFd,
     visit: &mut dyn FnMut(&Entry<'_>) -> io::Result<Descend>,
@@ -143,13 +157,30 @@ pub fn walk(
     walk_dir(root, marks, &mut path, visit)
 }
 
+/// One child of a directory, classified before the directory's entries are ordered.
+struct Child {
+    stored: Vec<u8>,
+    /// The path component it stands for (the hidden name for an OCI whiteout).
+    shown: Vec<u8>,
+    stat: Option<FileStat>,
+    item: Item,
+}
+
 fn walk_dir(
     dir: &OwnedFd,
     marks: DirMarks,
     path: &mut Vec<u8>,
     visit: &mut dyn FnMut(&Entry<'_>) -> io::Result<Descend>,
 ) -> io::Result<()> {
-    let base_len = path.len();
+    let mut children = Vec::new();
+    if marks.opaque {
+        children.push(Child {
+            stored: format::OCI_OPAQUE_MARKER.to_vec(),
+            shown: format::OCI_OPAQUE_MARKER.to_vec(),
+            stat: None,
+            item: Item::OpaqueMarker,
+        });
+    }
     for name in sorted_names(dir)? {
         if name == format::OCI_OPAQUE_MARKER {
             continue;
@@ -161,64 +192,83 @@ fn walk_dir(
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
             Err(e) => return Err(e),
         };
-        let shown = format::oci_whiteout_target(&name).unwrap_or(&name);
+        let item = classify(dir, marks, stored, &name, &st)?;
+        let shown = format::oci_whiteout_target(&name).unwrap_or(&name).to_vec();
+        children.push(Child {
+            stored: name,
+            shown,
+            stat: Some(st),
+            item,
+        });
+    }
+    children.sort_by_cached_key(|c| layer_name(&c.shown, &c.item));
+    let base_len = path.len();
+    for child in children {
         if base_len > 0 {
             path.push(b'/');
         }
-        path.extend_from_slice(shown);
-        let result = visit_one(dir, marks, stored, &name, st, path, visit);
+        path.extend_from_slice(&child.shown);
+        let result = visit_one(dir, child, path, visit);
         path.truncate(base_len);
         result?;
     }
     Ok(())
 }
 
-fn visit_one(
+fn classify(
     dir: &OwnedFd,
     parent_marks: DirMarks,
     stored: &OsStr,
     name: &[u8],
-    st: FileStat,
-    path: &mut Vec<u8>,
-    visit: &mut dyn FnMut(&Entry<'_>) -> io::Result<Descend>,
-) -> io::Result<()> {
+    st: &FileStat,
+) -> io::Result<Item> {
     let target = XattrTarget::Entry(layer::borrow(dir), stored);
-    let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
-    let item = if format::is_char_whiteout(&st)
+    if format::is_char_whiteout(st)
         || format::oci_whiteout_target(name).is_some()
         || FLAVORS
             .iter()
-            .any(|&n| format::is_xattr_whiteout(n, &st, parent_marks, target))
+            .any(|&n| format::is_xattr_whiteout(n, st, parent_marks, target))
     {
-        Item::Whiteout
-    } else if is_dir {
-        Item::Dir {
+        return Ok(Item::Whiteout);
+    }
+    if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+        return Ok(Item::Dir {
             opaque: false,
             redirect: redirect_of(target)?,
-        }
-    } else {
-        Item::Object
+        });
+    }
+    Ok(Item::Object)
+}
+
+fn visit_one(
+    dir: &OwnedFd,
+    child: Child,
+    path: &mut Vec<u8>,
+    visit: &mut dyn FnMut(&Entry<'_>) -> io::Result<Descend>,
+) -> io::Result<()> {
+    let stored = OsStr::from_bytes(&child.stored);
+    let stat = match child.stat {
+        Some(st) => st,
+        // The marker stands for its directory: report the directory's own attributes.
+        None => layer::stat_fd(layer::borrow(dir))?,
     };
-    if !is_dir || item == Item::Whiteout {
+    let Item::Dir { redirect, .. } = child.item else {
         let entry = Entry {
             path,
             stored_name: stored,
-            stat: st,
-            item,
+            stat,
+            item: child.item,
             parent: dir,
         };
         visit(&entry)?;
         return Ok(());
-    }
-    let child = layer::open_dir_at(layer::borrow(dir), stored)?;
-    let marks = marks_of(&child);
-    let Item::Dir { redirect, .. } = item else {
-        return Ok(());
     };
+    let sub = layer::open_dir_at(layer::borrow(dir), stored)?;
+    let marks = marks_of(&sub);
     let entry = Entry {
         path,
         stored_name: stored,
-        stat: st,
+        stat,
         item: Item::Dir {
             opaque: marks.opaque,
             redirect,
@@ -226,7 +276,7 @@ fn visit_one(
         parent: dir,
     };
     if visit(&entry)? == Descend::Yes {
-        walk_dir(&child, marks, path, visit)?;
+        walk_dir(&sub, marks, path, visit)?;
     }
     Ok(())
 }

@@ -191,8 +191,16 @@ impl Differ<'_> {
         };
         let whole = match &upper {
             Some(fd) => {
-                upperwalk::marks_of(fd).opaque
-                    || upperwalk::redirect_of(XattrTarget::Dir(layer::borrow(fd)))?.is_some()
+                let redirected =
+                    upperwalk::redirect_of(XattrTarget::Dir(layer::borrow(fd)))?.is_some();
+                if redirected && self.before.is_none() {
+                    // Its content lives in the lowers: without them any answer is a guess.
+                    return Err(io::Error::other(format!(
+                        "'{}' is a renamed (redirected) directory; give --lowerdir",
+                        String::from_utf8_lossy(path)
+                    )));
+                }
+                upperwalk::marks_of(fd).opaque || redirected
             }
             // Not in the upper: unchanged, unless its parent's content came from elsewhere
             // (a redirected directory), which makes all of it a candidate.

@@ -96,9 +96,6 @@ fn write_layer<W: Write>(
         merged: None,
         lowers_only: None,
     };
-    if upperwalk::marks_of(root).opaque {
-        ex.opaque_marker(b"", &Meta::default())?;
-    }
     // The walker speaks io::Result; the exporter's own error, with its context, is kept aside.
     let mut failure: Option<anyhow::Error> = None;
     let walked = upperwalk::walk(root, &mut |e| {
@@ -137,18 +134,23 @@ impl<W: Write> Exporter<'_, W> {
                 self.whiteout(e.path, &e.stat)?;
                 Ok(Descend::No)
             }
-            Item::Dir { opaque, redirect } => {
+            Item::OpaqueMarker => {
+                // The walk's path for the marker ends in the marker's own name.
+                let (dir, _) = split_parent(e.path);
+                self.opaque_marker(dir, e.stat.st_mtime)?;
+                Ok(Descend::No)
+            }
+            Item::Dir { redirect, .. } => {
                 let meta = meta_of(&e.stat, upper_xattrs(e.target())?);
                 self.tar.append(e.path, &meta, Body::Dir)?;
                 if let Some(redirect) = redirect {
-                    self.opaque_marker(e.path, &meta)?;
-                    self.redirected_dir(e.path, redirect)
+                    // Its content is all new here: an opaque directory with the merged
+                    // content (the walk does not descend; the marker comes from the merge).
+                    self.redirected_dir(e.path, redirect, meta.mtime)
                         .with_context(|| format!("directory '{shown}' (renamed)"))?;
                     return Ok(Descend::No);
                 }
-                if *opaque {
-                    self.opaque_marker(e.path, &meta)?;
-                }
+                // An opaque directory's marker comes as one of its entries.
                 Ok(Descend::Yes)
             }
             Item::Object => {
@@ -181,7 +183,7 @@ impl<W: Write> Exporter<'_, W> {
         )
     }
 
-    fn opaque_marker(&mut self, dir: &[u8], dir_meta: &Meta) -> io::Result<()> {
+    fn opaque_marker(&mut self, dir: &[u8], mtime: i64) -> io::Result<()> {
         let mut p = dir.to_vec();
         if !p.is_empty() {
             p.push(b'/');
@@ -189,7 +191,7 @@ impl<W: Write> Exporter<'_, W> {
         p.extend_from_slice(crate::format::OCI_OPAQUE_MARKER);
         let meta = Meta {
             mode: 0o644,
-            mtime: dir_meta.mtime,
+            mtime,
             ..Meta::default()
         };
         self.tar.append(
@@ -284,7 +286,7 @@ impl<W: Write> Exporter<'_, W> {
     }
 
     /// Writes the whole merged content below a redirected directory.
-    fn redirected_dir(&mut self, path: &[u8], redirect: &[u8]) -> anyhow::Result<()> {
+    fn redirected_dir(&mut self, path: &[u8], redirect: &[u8], mtime: i64) -> anyhow::Result<()> {
         if self.req.lowers.is_empty() {
             bail!(
                 "it is redirected to '{}', which needs --lowerdir",
@@ -305,7 +307,7 @@ impl<W: Write> Exporter<'_, W> {
         let result = view
             .lookup_path(path)
             .map_err(anyhow::Error::from)
-            .and_then(|dir| self.merged_children(&view, path, dir.ino));
+            .and_then(|dir| self.merged_children(&view, path, dir.ino, Some(mtime)));
         self.merged = Some(view);
         result
     }
@@ -328,13 +330,31 @@ impl<W: Write> Exporter<'_, W> {
         matches!(target.get_opt(&user), Ok(Some(_)))
     }
 
-    fn merged_children(&mut self, view: &MergedView, path: &[u8], dir: u64) -> anyhow::Result<()> {
+    /// The entries of a merged directory, sorted by name; `opaque` (the directory's mtime)
+    /// adds its opaque marker at the place the marker's name sorts.
+    fn merged_children(
+        &mut self,
+        view: &MergedView,
+        path: &[u8],
+        dir: u64,
+        opaque: Option<i64>,
+    ) -> anyhow::Result<()> {
+        let mut marker = opaque;
         for (name, attr) in view.children(dir)? {
+            if let Some(mtime) = marker
+                && name.as_bytes() > crate::format::OCI_OPAQUE_MARKER
+            {
+                self.opaque_marker(path, mtime)?;
+                marker = None;
+            }
             let mut child = path.to_vec();
             child.push(b'/');
             child.extend_from_slice(name.as_bytes());
             self.merged_object(view, &child, &attr)
                 .with_context(|| format!("'{}'", show(&child)))?;
+        }
+        if let Some(mtime) = marker {
+            self.opaque_marker(path, mtime)?;
         }
         Ok(())
     }
@@ -350,7 +370,7 @@ impl<W: Write> Exporter<'_, W> {
         match attr.file_type() {
             libc::S_IFDIR => {
                 self.tar.append(path, &meta, Body::Dir)?;
-                self.merged_children(view, path, attr.ino)?;
+                self.merged_children(view, path, attr.ino, None)?;
             }
             libc::S_IFREG => {
                 if attr.nlink > 1 {
