@@ -291,6 +291,16 @@ impl NodeTable {
             Some(existing) => {
                 let mut fresh_state = fresh.state.into_inner();
                 let mut st = existing.state.write();
+                if st.file_type != fresh_state.file_type {
+                    // The number of an object the kernel still holds went to a new object:
+                    // what keeps a removed object alive (see `NodeState::kept`) was missing.
+                    tracing::warn!(
+                        ino = fresh.ino,
+                        old = st.file_type,
+                        new = fresh_state.file_type,
+                        "an inode number was reused while its node lived"
+                    );
+                }
                 if existing.backing_stamp.load(Ordering::SeqCst) > resolved_since {
                     kept_own = true;
                 } else {

@@ -208,15 +208,19 @@ impl Overlay {
         loc: &Location,
         flags: OFlag,
     ) -> io::Result<OwnedFd> {
-        let want = node.state().file_type;
-        let opened = loc.open(flags).and_then(|fd| {
-            let st = layer::stat_fd(layer::borrow(&fd))?;
-            if st.st_mode & libc::S_IFMT == want {
-                Ok(fd)
-            } else {
-                Err(errno(libc::ENXIO))
+        let is = |r: &io::Result<OwnedFd>, code: i32| matches!(r, Err(e) if e.raw_os_error() == Some(code));
+        let mut opened = self.open_checked(node, loc, flags);
+        if is(&opened, libc::EXDEV) {
+            // `openat2(RESOLVE_BENEATH)` found the object, but a rename racing with this
+            // request moved it out of its directory before the open completed: try once
+            // more from where the node is known now, else it is gone from its old name.
+            opened = self
+                .locate(node)
+                .and_then(|(fresh, _)| self.open_checked(node, &fresh, flags));
+            if is(&opened, libc::EXDEV) {
+                opened = Err(errno(libc::ENOENT));
             }
-        });
+        }
         match opened {
             Err(e)
                 if e.raw_os_error() == Some(libc::ENXIO)
@@ -229,6 +233,18 @@ impl Overlay {
                 }
             }
             other => other,
+        }
+    }
+
+    /// Opens the non-directory at `loc` with `flags`; ENXIO when it is not `node`'s type.
+    fn open_checked(&self, node: &Node, loc: &Location, flags: OFlag) -> io::Result<OwnedFd> {
+        let want = node.state().file_type;
+        let fd = loc.open(flags)?;
+        let st = layer::stat_fd(layer::borrow(&fd))?;
+        if st.st_mode & libc::S_IFMT == want {
+            Ok(fd)
+        } else {
+            Err(errno(libc::ENXIO))
         }
     }
 

@@ -456,12 +456,11 @@ impl Overlay {
     fn remove_entry(&self, parent: &Arc<Node>, name: &OsStr, r: &Resolved) -> io::Result<()> {
         let node = self.nodes.get(self.ino_of(r));
         let others = self.other_nodes_named(parent.ino, name, r);
-        for n in node.iter().chain(&others) {
-            self.keep_before_last_name_goes(n);
-        }
         let needs_whiteout = self.lowers_have(parent, name)?;
         let upper = self.upper_dir(parent)?;
         let dir = fd_of(&upper);
+        let gone: Vec<&Arc<Node>> = node.iter().chain(&others).collect();
+        self.keep_before_name_goes(&gone, dir, name, r);
         if self.stack.is_upper(r.top) {
             if needs_whiteout {
                 self.whiteout_over(dir, name)?;
@@ -491,31 +490,59 @@ impl Overlay {
         Ok(())
     }
 
-    /// Takes an `O_PATH` fd of an upper object about to lose its last name (see
-    /// `NodeState::kept`). Best effort: without it, the gone object answers ENOENT. A lower
+    /// Keeps the upper object `r`, found as `name` in the upper directory `dir`, alive while
+    /// `nodes` (the live nodes that stand for it) live, before that name is removed or
+    /// replaced: a directory's copy stays open, anything else gets an `O_PATH` fd (see
+    /// `NodeState::kept`). Else the upper filesystem could free the inode and give its number,
+    /// which is also the node id the kernel still holds, to a new object. The fd is taken from
+    /// the name being removed, not from the node's own name, which may be stale. A lower
     /// object needs none: it stays where it is in its lower layer.
-    fn keep_before_last_name_goes(&self, node: &Node) {
-        if let Some(upper) = node.dir_layer(UPPER) {
-            // A directory's open copy keeps its inode alive: no more closing it for the budget.
-            if let Err(e) = upper.dir.pin() {
-                tracing::debug!(error = %e, "cannot keep a removed directory open");
+    fn keep_before_name_goes(
+        &self,
+        nodes: &[&Arc<Node>],
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        r: &Resolved,
+    ) {
+        if nodes.is_empty() {
+            return;
+        }
+        if let Backing::Dir(_) = &r.backing {
+            for n in nodes {
+                if let Some(upper) = n.dir_layer(UPPER) {
+                    // A directory's open copy keeps its inode alive: no more closing it.
+                    if let Err(e) = upper.dir.pin() {
+                        tracing::debug!(error = %e, "cannot keep a removed directory open");
+                    }
+                }
             }
             return;
         }
-        {
-            // Any name may be the last one the kernel does not know about (hard links): keep
-            // the object whenever one of its upper names goes.
-            let st = node.state();
-            let in_upper =
-                matches!(st.backing, Backing::NonDir { layer } if self.stack.is_upper(layer));
-            if st.file_type == libc::S_IFDIR || !in_upper {
+        if !self.stack.is_upper(r.top) {
+            return;
+        }
+        let kind = r.stat.st_mode & libc::S_IFMT;
+        // Any name may be the last one (hard links): keep the object whenever one goes.
+        let fd = match layer::open_at(dir, name, OFlag::O_PATH, 0) {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::debug!(name = ?name, error = %e, "cannot keep an object losing a name");
+                return;
+            }
+        };
+        match layer::stat_fd(layer::borrow(&fd)) {
+            Ok(st) if st.st_ino == r.stat.st_ino && st.st_dev == r.stat.st_dev => {}
+            _ => {
+                tracing::debug!(name = ?name, "the name being removed holds another object");
                 return;
             }
         }
-        if let Ok((Location::Entry(dir, name), _)) = self.locate(node)
-            && let Ok(fd) = layer::open_at(fd_of(&dir), &name, OFlag::O_PATH, 0)
-        {
-            node.state_mut().kept = Some(Arc::new(fd));
+        let fd = Arc::new(fd);
+        for n in nodes {
+            let mut st = n.state_mut();
+            if st.file_type == kind {
+                st.kept = Some(fd.clone());
+            }
         }
     }
 
@@ -724,10 +751,9 @@ impl Overlay {
         if exchange && let Some(d) = &dst {
             self.prepare_moving_dir(d, dst_node.as_ref(), &np, newname, nd, &op, samedir)?;
         }
-        if !exchange {
-            for d in dst_node.iter().chain(&dst_others) {
-                self.keep_before_last_name_goes(d);
-            }
+        if !exchange && let Some(d) = &dst {
+            let gone: Vec<&Arc<Node>> = dst_node.iter().chain(&dst_others).collect();
+            self.keep_before_name_goes(&gone, nd, newname, d);
         }
         if !exchange
             && let Some(Resolved {
