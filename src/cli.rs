@@ -99,6 +99,9 @@ const OPTION_TABLE: &[(&str, &str)] = &[
     ("squash_to_uid=N",       "show every object as owned by uid N (wins over squash_to_root)"),
     ("squash_to_gid=N",       "show every object as owned by gid N (wins over squash_to_root)"),
     ("static_nlink",          "directories report one link"),
+    ("upper_limit=SIZE",      "cap the upper's size (K, M, G, T suffixes): past it, writes,\n\
+                               creates and copy-ups fail with ENOSPC; df shows the cap"),
+    ("upper_inodes=N",        "cap the number of inodes in the upper, as upper_limit="),
     ("noacl",                 "no POSIX ACLs: not enforced, their xattrs refused"),
     ("noxattrs=0|1",          "1 refuses every xattr call with EOPNOTSUPP"),
     ("fsync=0|1",             "0 skips fsync and copy-up syncs (for throwaway uppers)"),

@@ -124,6 +124,8 @@ pub struct Config {
     pub noatime: bool,
     /// The kernel's `userxattr`: overlay metadata in `user.overlay.*` instead of `trusted.overlay.*`.
     pub userxattr: bool,
+    /// The cap on the writable layer (`upper_limit=SIZE`, `upper_inodes=N`).
+    pub caps: crate::quota::Caps,
     /// Number of threads serving requests (`threads=N` or fuse-overlayfs's `threaded=N`).
     pub threads: Option<usize>,
     /// Entry and attribute cache timeout in seconds (fuse-overlayfs's `timeout=`).
@@ -189,6 +191,7 @@ impl Config {
             exec: true,
             noatime: true,
             userxattr: false,
+            caps: crate::quota::Caps::default(),
             threads: None,
             timeout: None,
             uid_ranges: Vec::new(),
@@ -231,6 +234,9 @@ impl Config {
                  -o lowerdir=DIR[:DIR...]"
                     .to_owned(),
             );
+        }
+        if self.caps.any() && self.upperdir.is_none() {
+            return err("'upper_limit' and 'upper_inodes' need 'upperdir'".to_owned());
         }
         match (&self.upperdir, &self.workdir) {
             (Some(_), None) => err("'upperdir' needs 'workdir'".to_owned()),
@@ -368,6 +374,8 @@ fn apply_option(key: &str, value: Option<&str>, cfg: &mut Config) -> Result<(), 
         "fsync" => cfg.fsync = parse_switch(key, required(key, value)?)?,
         "redirect_dir" => cfg.redirect_dir = parse_redirect_dir(required(key, value)?)?,
         "log_file" => cfg.log_file = Some(PathBuf::from(unescape(required(key, value)?))),
+        "upper_limit" => cfg.caps.bytes = Some(parse_size(key, required(key, value)?)?),
+        "upper_inodes" => cfg.caps.inodes = Some(parse_count(key, required(key, value)?)?),
         "plugins" => return err("option 'plugins' is not supported".to_owned()),
         _ => return apply_keyword(key, value, cfg),
     }
@@ -431,6 +439,43 @@ fn required<'v>(key: &str, value: Option<&'v str>) -> Result<&'v str, ConfigErro
     match value {
         Some(v) if !v.is_empty() => Ok(v),
         _ => err(format!("option '{key}' needs a value")),
+    }
+}
+
+/// A size with an optional binary suffix: `512`, `64K`, `100M`, `2G`, `1T` (`KiB` style and
+/// lower case accepted too). Zero is refused: a layer that can hold nothing is a mistake.
+fn parse_size(key: &str, value: &str) -> Result<u64, ConfigError> {
+    let bad = || {
+        ConfigError(format!(
+            "option '{key}' needs a size like 512M or 2G, not '{value}'"
+        ))
+    };
+    let v = value.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (digits, suffix) = v.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let shift = match suffix.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(bad()),
+    };
+    let bytes = n.checked_mul(1u64 << shift).ok_or_else(bad)?;
+    if bytes == 0 {
+        return err(format!("option '{key}' must be more than 0"));
+    }
+    Ok(bytes)
+}
+
+fn parse_count(key: &str, value: &str) -> Result<u64, ConfigError> {
+    match value.parse::<u64>() {
+        Ok(0) => err(format!("option '{key}' must be more than 0")),
+        Ok(n) => Ok(n),
+        Err(_) => err(format!(
+            "option '{key}' needs a whole number, not '{value}'"
+        )),
     }
 }
 
@@ -631,6 +676,10 @@ mod tests {
             ("threaded=0", false, |c| c.threads == Some(1)),
             ("threaded=8", false, |c| c.threads == Some(8)),
             ("threads=2,threaded=3", false, |c| c.threads == Some(3)),
+            ("upper_limit=8M", false, |c| c.caps.bytes == Some(8 << 20)),
+            ("upper_limit=2g", false, |c| c.caps.bytes == Some(2 << 30)),
+            ("upper_limit=4096", false, |c| c.caps.bytes == Some(4096)),
+            ("upper_inodes=200", false, |c| c.caps.inodes == Some(200)),
             ("timeout=0", false, |c| c.timeout == Some(0.0)),
             ("timeout=1.5", false, |c| c.timeout == Some(1.5)),
             ("timeout=1000000000", false, |c| c.timeout == Some(1e9)),
@@ -744,6 +793,19 @@ mod tests {
             ("lowerdir=/l,bogus", "unknown option 'bogus'"),
             ("ro=1", "option 'ro' does not take a value"),
             ("debug=yes", "option 'debug' does not take a value"),
+            (
+                "upper_limit=8X",
+                "option 'upper_limit' needs a size like 512M or 2G, not '8X'",
+            ),
+            ("upper_limit=0", "option 'upper_limit' must be more than 0"),
+            (
+                "upper_limit=M",
+                "option 'upper_limit' needs a size like 512M or 2G, not 'M'",
+            ),
+            (
+                "upper_inodes=-1",
+                "option 'upper_inodes' needs a whole number, not '-1'",
+            ),
             ("threads", "option 'threads' needs a value"),
             ("threads=0", "option 'threads' must be at least 1"),
             (

@@ -74,28 +74,84 @@ impl Overlay {
         let parent_upper = self.upper_dir(&parent)?;
         let (loc, lower) = self.locate(node)?;
         let st = loc.stat()?;
+        // Checked before anything is written: a copy that would not fit leaves no trace.
+        let _changing = self.quota.as_ref().map(|q| q.changing());
+        let data_bytes = match data {
+            CopyData::All => st.st_blocks as u64 * 512,
+            CopyData::MetadataOnly => 0,
+        };
+        let dir_bytes = if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            4096
+        } else {
+            0
+        };
+        self.admit(1, data_bytes.max(dir_bytes))?;
+        let places = || {
+            vec![
+                crate::quota::Place::dir(parent_upper.clone()),
+                crate::quota::Place::entry(parent_upper.clone(), &name),
+            ]
+        };
+        match &self.quota {
+            Some(q) => q.measure(places, || {
+                self.copy_into(
+                    node,
+                    work,
+                    &parent,
+                    &parent_upper,
+                    &name,
+                    &loc,
+                    lower,
+                    &st,
+                    data,
+                )
+            }),
+            None => self.copy_into(
+                node,
+                work,
+                &parent,
+                &parent_upper,
+                &name,
+                &loc,
+                lower,
+                &st,
+                data,
+            ),
+        }
+    }
+
+    /// The copy itself: built in the work directory, renamed into `parent_upper` as `name`.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_into(
+        &self,
+        node: &Arc<Node>,
+        work: &crate::workdir::WorkDir,
+        parent: &Arc<Node>,
+        parent_upper: &Arc<OwnedFd>,
+        name: &OsStr,
+        loc: &Location,
+        lower: LayerId,
+        st: &FileStat,
+        data: CopyData,
+    ) -> io::Result<()> {
         let tmp = work.temp_name();
-        let has_origin = match self.build_copy(work, &tmp, &loc, lower, &st, data) {
+        let has_origin = match self.build_copy(work, &tmp, loc, lower, st, data) {
             Ok(has_origin) => has_origin,
             Err(e) => {
                 work.discard(&tmp);
                 return Err(e);
             }
         };
-        let parent_times = layer::stat_fd(fd_of(&parent_upper))?;
-        if let Err(e) = nix::fcntl::renameat(
-            work.fd(),
-            tmp.as_os_str(),
-            fd_of(&parent_upper),
-            name.as_os_str(),
-        ) {
+        let parent_times = layer::stat_fd(fd_of(parent_upper))?;
+        if let Err(e) = nix::fcntl::renameat(work.fd(), tmp.as_os_str(), fd_of(parent_upper), name)
+        {
             work.discard(&tmp);
             return Err(e.into());
         }
         if has_origin {
-            self.mark_impure(fd_of(&parent_upper));
+            self.mark_impure(fd_of(parent_upper));
         }
-        restore_times(fd_of(&parent_upper), None, &parent_times);
+        restore_times(fd_of(parent_upper), None, &parent_times);
         debug!(ino = node.ino, name = ?name, "copied up");
         crate::stats::copied_up(if data == CopyData::All {
             st.st_size as u64
@@ -108,10 +164,10 @@ impl Overlay {
             // A lookup racing with this copy-up may have refreshed the node with the new
             // upper copy already: one directory must not appear twice in its own merge.
             Backing::Dir(layers) if !layers.iter().any(|d| d.layer == UPPER) => {
-                let fd = layer::open_dir_at(fd_of(&parent_upper), &name)?;
+                let fd = layer::open_dir_at(fd_of(parent_upper), name)?;
                 let marks = lookup::read_dir_marks(&self.stack, &fd);
                 let parent_copy = parent.dir_layer(UPPER).ok_or_else(|| errno(libc::EIO))?;
-                layers.insert(0, DirLayer::child(&parent_copy, &name, fd, marks)?);
+                layers.insert(0, DirLayer::child(&parent_copy, name, fd, marks)?);
             }
             Backing::Dir(_) => {}
         }
@@ -126,7 +182,7 @@ impl Overlay {
             // Every name of a hard-linked file this mount knows stays a name of the one copy.
             let mut linked = 1;
             for alias in others {
-                match self.link_up(&parent_upper, &name, &alias.parent, &alias.name) {
+                match self.link_up(parent_upper, name, &alias.parent, &alias.name) {
                     Ok(()) => linked += 1,
                     Err(e) => {
                         debug!(name = ?alias.name, error = %e, "cannot link a hard link's other name")

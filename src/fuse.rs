@@ -292,7 +292,9 @@ impl Filesystem for FuseAdapter {
         } else {
             1
         };
-        if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+        // Writes through passthrough never reach us, so a capped mount could not refuse them.
+        if self.overlay.opts().caps.bytes.is_none()
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
             && config.set_max_stack_depth(depth).is_ok()
         {
             self.passthrough.enable();

@@ -60,6 +60,7 @@ fn open_overlay(cfg: &Config) -> anyhow::Result<Overlay> {
         read_only: cfg.read_only || cfg.upperdir.is_none(),
         sync: cfg.fsync,
         create_redirects: cfg.redirect_dir.creates(),
+        caps: cfg.caps,
     };
     Overlay::new(stack, opts).context("cannot open the layers")
 }

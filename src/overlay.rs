@@ -35,6 +35,8 @@ pub struct OverlayOptions {
     /// `redirect_dir=on`: renaming a directory with lower content records where that content
     /// lives (a redirect) instead of failing with EXDEV.
     pub create_redirects: bool,
+    /// `upper_limit=` / `upper_inodes=`: keep counters of the upper and refuse what exceeds.
+    pub caps: crate::quota::Caps,
 }
 
 /// Where a node is reached in its top-most layer.
@@ -82,6 +84,8 @@ pub struct Overlay {
     /// Tells the kernel that a node's cached attributes are stale: set by the adapter once
     /// the session runs. Copy-up changes objects (and their parents) behind the kernel's back.
     invalidator: OnceLock<AttrInvalidator>,
+    /// The upper's counters, kept only when the mount has a cap.
+    pub(crate) quota: Option<crate::quota::Quota>,
 }
 
 impl std::fmt::Debug for Overlay {
@@ -107,6 +111,12 @@ impl Overlay {
         if !opts.read_only {
             init_uuid(&stack);
         }
+        let quota = match stack.upper() {
+            Some(upper) if opts.caps.any() && !opts.read_only => {
+                Some(crate::quota::Quota::start(opts.caps, &upper.root)?)
+            }
+            _ => None,
+        };
         let nodes = NodeTable::default();
         nodes.insert_root(Node::new(
             ROOT_INO,
@@ -118,11 +128,16 @@ impl Overlay {
             handles: Handles::default(),
             opts,
             invalidator: OnceLock::new(),
+            quota,
         })
     }
 
     pub fn stack(&self) -> &Stack {
         &self.stack
+    }
+
+    pub fn opts(&self) -> &OverlayOptions {
+        &self.opts
     }
 
     /// Installs the callback that invalidates the kernel's cached attributes of a node.
@@ -412,12 +427,28 @@ impl Overlay {
         let Some(origin) = self.stack.origin_of(lower.layer, fd_of(&lower_fd), None) else {
             return;
         };
-        let target = XattrTarget::Dir(fd_of(&upper_fd));
-        if let Err(e) = target.set(&self.stack.names.name("origin"), &origin.encode(), 0) {
-            tracing::debug!(name = ?name, error = %e, "cannot record origin of merged directory");
-            return;
-        }
-        self.mark_impure(fd_of(&parent_fd));
+        let record = || {
+            let target = XattrTarget::Dir(fd_of(&upper_fd));
+            if let Err(e) = target.set(&self.stack.names.name("origin"), &origin.encode(), 0) {
+                tracing::debug!(name = ?name, error = %e, "cannot record origin of merged directory");
+                return Ok(());
+            }
+            self.mark_impure(fd_of(&parent_fd));
+            Ok(())
+        };
+        // An attribute may take a block of its own: counted on a capped mount.
+        let _ = match &self.quota {
+            Some(q) => q.measure(
+                || {
+                    vec![
+                        crate::quota::Place::dir(upper_fd.clone()),
+                        crate::quota::Place::dir(parent_fd.clone()),
+                    ]
+                },
+                record,
+            ),
+            None => record(),
+        };
     }
 
     pub fn forget(&self, ino: Ino, count: u64) {
@@ -469,14 +500,18 @@ impl Overlay {
             return Err(errno(libc::EISDIR));
         }
         if wants_write(flags) {
-            return self.open_for_write(&node, flags, caller);
+            return self.open_for_write_counted(&node, flags, caller);
         }
         let (loc, layer) = self.locate(&node)?;
         let fd = self.open_object(&node, &loc, open_passthrough_flags(flags))?;
         let in_upper = self.stack.is_upper(layer);
+        let file = File::from(fd);
+        if in_upper && let Some(q) = &self.quota {
+            q.opened(&file);
+        }
         let fh = self.handles.insert(Handle::File {
             ino,
-            file: File::from(fd),
+            file,
             in_upper,
         });
         Ok((fh, !in_upper))
@@ -502,7 +537,19 @@ impl Overlay {
     }
 
     pub fn release(&self, ino: Ino, fh: u64) -> io::Result<()> {
-        self.handles.remove(ino, fh).map(drop)
+        let handle = self.handles.remove(ino, fh)?;
+        if let (
+            Some(q),
+            Handle::File {
+                file,
+                in_upper: true,
+                ..
+            },
+        ) = (&self.quota, &*handle)
+        {
+            q.closed(file);
+        }
+        Ok(())
     }
 
     /// Opens a directory. Its listing is taken when it is read (see `readdir_at`), not here.
@@ -579,7 +626,15 @@ impl Overlay {
                 Ok(None)
             )
         });
-        if !holds_origin && target.remove(&impure).is_ok() {
+        if holds_origin {
+            return;
+        }
+        let remove = || target.remove(&impure);
+        let removed = match &self.quota {
+            Some(q) => q.measure(|| vec![crate::quota::Place::dir(dir_fd.clone())], remove),
+            None => remove(),
+        };
+        if removed.is_ok() {
             self.attrs_changed(ino);
         }
     }
@@ -592,7 +647,11 @@ impl Overlay {
     pub fn statfs(&self) -> io::Result<Statfs> {
         let top = &self.stack.layers[0];
         let st = nix::sys::statvfs::fstatvfs(&top.root)?;
-        Ok(Statfs::from_statvfs(&st))
+        let real = Statfs::from_statvfs(&st);
+        Ok(match &self.quota {
+            Some(q) => q.statfs(real),
+            None => real,
+        })
     }
 
     pub fn getxattr(&self, ino: Ino, name: &OsStr) -> io::Result<Vec<u8>> {

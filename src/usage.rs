@@ -3,8 +3,8 @@
 //! attribute [`USAGE_XATTR`] on the mount's root (the `usage` tool reads it); the count is one
 //! walk of the upper below a directory fd, without following symlinks.
 //!
-//! Kept counters (answering without a walk) and a cap on the upper's size are not built yet:
-//! the walk is exact but costs time proportional to the upper.
+//! A mount with a cap (`upper_limit=`, `upper_inodes=`) keeps counters and answers from them
+//! (see `quota`); any other mount walks its upper, exact but in time proportional to it.
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
@@ -113,7 +113,11 @@ impl Overlay {
             .stack
             .upper()
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENODATA))?;
-        count_upper(&upper.root)
+        match &self.quota {
+            // A capped mount keeps counters: no walk.
+            Some(q) => Ok(q.usage()),
+            None => count_upper(&upper.root),
+        }
     }
 }
 

@@ -260,7 +260,7 @@ impl Overlay {
         })
     }
 
-    pub fn mknod(
+    pub(crate) fn mknod_uncounted(
         &self,
         parent: Ino,
         name: &OsStr,
@@ -293,7 +293,7 @@ impl Overlay {
         })
     }
 
-    pub fn mkdir(
+    pub(crate) fn mkdir_uncounted(
         &self,
         parent: Ino,
         name: &OsStr,
@@ -312,7 +312,7 @@ impl Overlay {
         })
     }
 
-    pub fn symlink(
+    pub(crate) fn symlink_uncounted(
         &self,
         parent: Ino,
         name: &OsStr,
@@ -327,7 +327,7 @@ impl Overlay {
 
     /// Creates and opens a regular file; an existing one is opened (and truncated if asked),
     /// unless `O_EXCL`.
-    pub fn create(
+    pub(crate) fn create_uncounted(
         &self,
         parent: Ino,
         name: &OsStr,
@@ -363,7 +363,7 @@ impl Overlay {
         Ok((attr, fh))
     }
 
-    pub fn link(
+    pub(crate) fn link_uncounted(
         &self,
         ino: Ino,
         newparent: Ino,
@@ -425,7 +425,12 @@ impl Overlay {
         Ok(self.attr_of(&node, &st))
     }
 
-    pub fn unlink(&self, parent: Ino, name: &OsStr, _caller: &Caller) -> io::Result<()> {
+    pub(crate) fn unlink_uncounted(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        _caller: &Caller,
+    ) -> io::Result<()> {
         self.work()?;
         let parent = self.node(parent)?;
         let r = self
@@ -437,7 +442,12 @@ impl Overlay {
         self.remove_entry(&parent, name, &r)
     }
 
-    pub fn rmdir(&self, parent: Ino, name: &OsStr, _caller: &Caller) -> io::Result<()> {
+    pub(crate) fn rmdir_uncounted(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        _caller: &Caller,
+    ) -> io::Result<()> {
         self.work()?;
         let parent = self.node(parent)?;
         let r = self
@@ -457,6 +467,10 @@ impl Overlay {
         let node = self.nodes.get(self.ino_of(r));
         let others = self.other_nodes_named(parent.ino, name, r);
         let needs_whiteout = self.lowers_have(parent, name)?;
+        if needs_whiteout && !self.stack.is_upper(r.top) {
+            // The whiteout is a new inode in the upper.
+            self.admit(1, 0)?;
+        }
         let upper = self.upper_dir(parent)?;
         let dir = fd_of(&upper);
         let gone: Vec<&Arc<Node>> = node.iter().chain(&others).collect();
@@ -671,7 +685,7 @@ impl Overlay {
         Ok(path)
     }
 
-    pub fn rename(
+    pub(crate) fn rename_uncounted(
         &self,
         olddir: Ino,
         oldname: &OsStr,
@@ -865,7 +879,7 @@ impl Overlay {
         Ok(nix::fcntl::renameat(od, oldname, nd, newname)?)
     }
 
-    pub fn setattr(
+    pub(crate) fn setattr_uncounted(
         &self,
         ino: Ino,
         fh: Option<u64>,
@@ -1003,9 +1017,13 @@ impl Overlay {
         self.copy_up(node, data)?;
         let (loc, _) = self.locate(node)?;
         let fd = self.open_object(node, &loc, open_passthrough_flags(flags))?;
+        let file = File::from(fd);
+        if let Some(q) = &self.quota {
+            q.opened(&file);
+        }
         let fh = self.handles.insert(Handle::File {
             ino: node.ino,
-            file: File::from(fd),
+            file,
             in_upper: true,
         });
         Ok((fh, false))
@@ -1029,6 +1047,7 @@ impl Overlay {
             if !in_upper {
                 return Err(errno(libc::EBADF));
             }
+            let _measured = self.admit_growth(file, offset, data.len() as u64)?;
             let mut done = 0;
             while done < data.len() {
                 match file.write_at(&data[done..], offset + done as u64) {
@@ -1086,6 +1105,7 @@ impl Overlay {
             if !in_upper {
                 return Err(errno(libc::EBADF));
             }
+            let _measured = self.admit_growth(file, offset, length)?;
             let flags = nix::fcntl::FallocateFlags::from_bits_truncate(mode);
             Ok(nix::fcntl::fallocate(
                 file,
@@ -1129,6 +1149,7 @@ impl Overlay {
         else {
             return Err(errno(libc::EBADF));
         };
+        let _measured = self.admit_growth(df, to.2, len)?;
         let mut off_in = from.2 as i64;
         let mut off_out = to.2 as i64;
         Ok(nix::fcntl::copy_file_range(
@@ -1140,7 +1161,7 @@ impl Overlay {
         )?)
     }
 
-    pub fn setxattr(
+    pub(crate) fn setxattr_uncounted(
         &self,
         ino: Ino,
         name: &OsStr,
@@ -1161,7 +1182,12 @@ impl Overlay {
         loc.xattr_target().set(&stored, value, flags)
     }
 
-    pub fn removexattr(&self, ino: Ino, name: &OsStr, _caller: &Caller) -> io::Result<()> {
+    pub(crate) fn removexattr_uncounted(
+        &self,
+        ino: Ino,
+        name: &OsStr,
+        _caller: &Caller,
+    ) -> io::Result<()> {
         use std::os::unix::ffi::OsStrExt;
         let stored = self
             .stack

@@ -2085,11 +2085,10 @@ fn usage_equals_du_live_and_offline() {
     );
 }
 
-/// Space held by a file unlinked while open counts until the file is closed: it is used on the
-/// upper's filesystem (and under `upper_limit=` must count against the cap, or writing to
-/// unlinked files would pass it).
+/// On a capped mount (the daemon keeps counters), space held by a file unlinked while open
+/// counts until the file is closed: it is used on the upper's filesystem, and writing to
+/// unlinked files must not pass the cap.
 #[test]
-#[ignore = "issue 10: the daemon counts by walking the upper, as du; kept counters are not built yet"]
 fn usage_counts_an_unlinked_open_file_until_close() {
     if !common::require_root_and_fuse() {
         return;
@@ -2098,7 +2097,7 @@ fn usage_counts_an_unlinked_open_file_until_close() {
     let l = Layer::new(s.join("l"));
     l.file("a", "a\n");
     let (u, w) = (s.dir("u"), s.dir("w"));
-    let m = mount_ours(&[l.root()], Some((&u, &w)), &[]);
+    let m = mount_ours(&[l.root()], Some((&u, &w)), &["upper_limit=1G"]);
     let live = [m.path().as_os_str().to_os_string()];
     let mut held = std::fs::File::create(m.path().join("held")).unwrap();
     held.write_all(&Rng::new(9).bytes(256 * 1024)).unwrap();
@@ -2158,7 +2157,6 @@ fn write_synced(path: &Path, total: u64, chunk: usize) -> (u64, Option<std::io::
 }
 
 #[test]
-#[ignore = "issue 10: upper_limit= and upper_inodes= are not built yet; this test is written against the spec and has never run"]
 fn caps_fail_with_enospc_and_recover() {
     if !common::require_root_and_fuse() {
         return;
@@ -2324,5 +2322,129 @@ fn caps_fail_with_enospc_and_recover() {
     assert_eq!(
         usage(&[OsString::from("--upper"), u.clone().into()]),
         du_upper(&u)
+    );
+}
+
+/// On a capped mount the daemon's counters follow every kind of change exactly: after each
+/// step of a mixed workload (copy-ups of data and metadata, hard links, renames over files and
+/// directories, truncates, xattrs, whiteouts, removal of a merged directory holding whiteouts,
+/// a file unlinked and then closed) `usage` equals `du` of the upper.
+#[test]
+fn capped_counters_follow_every_change() {
+    if !common::require_root_and_fuse() {
+        return;
+    }
+    let s = Scratch::new();
+    let l = Layer::new(s.join("l"));
+    l.file("big", Rng::new(3).bytes(3 * MIB as usize));
+    l.file("d/a", "a\n")
+        .file("d/b", "b\n")
+        .file("d/sub/c", "c\n");
+    l.file("linked", "one inode, two names\n")
+        .hardlink("linked", "linked2");
+    l.dir("gone/deep").file("gone/deep/x", "x\n");
+    let (u, w) = (s.dir("u"), s.dir("w"));
+    let m = mount_ours(&[l.root()], Some((&u, &w)), &["upper_limit=1G"]);
+    let mp = m.path().to_path_buf();
+    let live = [mp.as_os_str().to_os_string()];
+    let check = |step: &str| {
+        nix::unistd::sync();
+        assert_eq!(
+            usage(&live),
+            du_upper(&u),
+            "usage vs du of the upper after: {step}"
+        );
+    };
+    check("mount");
+    let append = |p: &str, data: &[u8]| {
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(mp.join(p))
+            .unwrap_or_else(|e| panic!("open {p}: {e}"));
+        f.write_all(data)
+            .unwrap_or_else(|e| panic!("append {p}: {e}"));
+    };
+    append("big", b"tail");
+    check("copy-up of a 3 MiB file by an append");
+    std::fs::set_permissions(mp.join("d/a"), std::fs::Permissions::from_mode(0o600))
+        .expect("chmod d/a");
+    check("metadata copy-up (chmod)");
+    std::fs::write(mp.join("d/new"), Rng::new(4).bytes(100_000)).expect("write d/new");
+    check("a new 100 kB file");
+    std::fs::hard_link(mp.join("d/new"), mp.join("d/new2")).expect("link d/new");
+    check("a hard link");
+    append("linked", b"more\n");
+    check("copy-up of a hard-linked lower file");
+    std::fs::rename(mp.join("d/new"), mp.join("d/b")).expect("rename over d/b");
+    check("rename over a lower file");
+    std::fs::remove_file(mp.join("d/new2")).expect("unlink d/new2");
+    check("unlink of the last upper name");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(mp.join("big"))
+        .expect("open big");
+    f.set_len(1000).expect("truncate big");
+    check("truncate through an open file");
+    drop(f);
+    std::fs::File::create(mp.join("d/empty")).expect("create");
+    nix::unistd::truncate(&mp.join("d/empty"), 5 * MIB as i64).expect("truncate up (sparse)");
+    check("a sparse truncate up by path");
+    xattr_set(&mp.join("d/a"), "user.big", &vec![b'v'; 3000]);
+    check("a 3000-byte xattr");
+    std::fs::remove_dir_all(mp.join("gone")).expect("rm -rf gone");
+    check("rm -rf of a lower tree (whiteouts)");
+    std::fs::create_dir(mp.join("gone")).expect("mkdir gone again");
+    std::fs::write(mp.join("gone/y"), "y\n").expect("write gone/y");
+    check("a directory made over a whiteout");
+    std::fs::create_dir(mp.join("d/sub2")).expect("mkdir d/sub2");
+    std::fs::rename(mp.join("d/sub2"), mp.join("gone/sub2")).expect("rename a directory");
+    check("a directory renamed across parents");
+    std::fs::remove_file(mp.join("d/sub/c")).expect("unlink d/sub/c");
+    std::fs::remove_dir(mp.join("d/sub")).expect("rmdir d/sub (holds a whiteout)");
+    check("rmdir of a merged directory holding a whiteout");
+    let mut held = std::fs::File::create(mp.join("held")).expect("create held");
+    held.write_all(&Rng::new(5).bytes(200_000))
+        .expect("write held");
+    std::fs::remove_file(mp.join("held")).expect("unlink held");
+    held.write_all(b"still writing")
+        .expect("write to the unlinked file");
+    drop(held);
+    let mut last = (0, 0);
+    let settled = poll_until(Duration::from_secs(10), || {
+        nix::unistd::sync();
+        last = usage(&live);
+        last == du_upper(&u)
+    });
+    assert!(
+        settled,
+        "usage after an unlinked file was closed: {last:?}, du: {:?}",
+        du_upper(&u)
+    );
+    let ended = m.unmount();
+    assert!(!ended.left_mounted, "{}", ended.stderr);
+    assert_eq!(
+        usage(&[OsString::from("--upper"), u.clone().into()]),
+        du_upper(&u),
+        "usage --upper after unmount"
+    );
+}
+
+fn xattr_set(p: &Path, name: &str, value: &[u8]) {
+    let out = Command::new("setfattr")
+        .arg("-n")
+        .arg(name)
+        .arg("-v")
+        .arg(format!(
+            "0x{}",
+            value.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        ))
+        .arg(p)
+        .output()
+        .expect("run setfattr");
+    assert!(
+        out.status.success(),
+        "setfattr {name} on {}: {}",
+        p.display(),
+        String::from_utf8_lossy(&out.stderr)
     );
 }

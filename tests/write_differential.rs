@@ -234,6 +234,19 @@ fn redirect_dir_on_matches_kernel() {
     });
 }
 
+/// A capped mount measures every change it makes to the upper (`upper_limit=`): the
+/// measuring must not change what any operation does. A cap far above what the runs write.
+#[test]
+fn capped_mount_matches_kernel() {
+    ops::with_options(
+        ops::KERNEL_OPTS,
+        &["upper_limit=1T", "upper_inodes=1000000"],
+        || {
+            run_seeds("capped_mount_matches_kernel", 7600, 10, None, Impl::Ours);
+        },
+    );
+}
+
 /// The harness itself: the kernel's overlayfs against itself over two copies of a stack must
 /// show no difference at all (timestamps, inode names, block counts and upper-directory
 /// comparison included). A failure here is a bug in the test code, not in ours.
