@@ -75,7 +75,7 @@ impl Overlay {
         let (loc, lower) = self.locate(node)?;
         let st = loc.stat()?;
         // Checked before anything is written: a copy that would not fit leaves no trace.
-        let _changing = self.quota.as_ref().map(|q| q.changing());
+        let _changing = self.quota.get().map(|q| q.changing());
         let data_bytes = match data {
             CopyData::All => st.st_blocks as u64 * 512,
             CopyData::MetadataOnly => 0,
@@ -92,21 +92,8 @@ impl Overlay {
                 crate::quota::Place::entry(parent_upper.clone(), &name),
             ]
         };
-        match &self.quota {
-            Some(q) => q.measure(places, || {
-                self.copy_into(
-                    node,
-                    work,
-                    &parent,
-                    &parent_upper,
-                    &name,
-                    &loc,
-                    lower,
-                    &st,
-                    data,
-                )
-            }),
-            None => self.copy_into(
+        self.counted(places, || {
+            self.copy_into(
                 node,
                 work,
                 &parent,
@@ -116,8 +103,8 @@ impl Overlay {
                 lower,
                 &st,
                 data,
-            ),
-        }
+            )
+        })
     }
 
     /// The copy itself: built in the work directory, renamed into `parent_upper` as `name`.

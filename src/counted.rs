@@ -1,6 +1,7 @@
 //! The changing operations of the core as the adapter calls them: each one measured by the
-//! upper's counters when the mount has a cap (see `quota`), and refused with ENOSPC when what
-//! it adds would not fit. Without a cap they are the plain operations of `write.rs`.
+//! upper's counters when the mount keeps them (see `quota`), and refused with ENOSPC when what
+//! it adds would not fit a cap. Until counters start they are the plain operations of
+//! `write.rs`, run under a shared lock that starting the counters waits for.
 
 use std::ffi::OsStr;
 use std::io;
@@ -14,24 +15,43 @@ use crate::quota::{Place, Quota};
 use crate::write::SetAttr;
 
 impl Overlay {
-    /// Runs `op` measured by the counters, if the mount keeps any.
-    fn counted<T>(
+    /// Runs `op` measured by the counters if the mount keeps any; else holds off their start
+    /// until `op` is done (so starting them misses nothing).
+    pub(crate) fn counted<T>(
         &self,
         places: impl Fn() -> Vec<Place>,
         op: impl FnOnce() -> io::Result<T>,
     ) -> io::Result<T> {
-        match &self.quota {
-            Some(q) => q.measure(places, op),
-            None => op(),
+        if let Some(q) = self.quota.get() {
+            return q.measure(places, op);
         }
+        let uncounted = self.uncounted.read_recursive();
+        if let Some(q) = self.quota.get() {
+            drop(uncounted);
+            return q.measure(places, op);
+        }
+        op()
     }
 
     /// Refuses a change adding `inodes` and `bytes` past the cap.
     pub(crate) fn admit(&self, inodes: u64, bytes: u64) -> io::Result<()> {
-        match &self.quota {
+        match self.quota.get() {
             Some(q) => q.admit(inodes, bytes),
             None => Ok(()),
         }
+    }
+
+    /// Files a new handle; an upper file's blocks are followed through it when counting.
+    pub(crate) fn insert_file(&self, ino: Ino, file: std::fs::File, in_upper: bool) -> u64 {
+        let _uncounted = self.uncounted.read_recursive();
+        if in_upper && let Some(q) = self.quota.get() {
+            q.opened(&file);
+        }
+        self.handles.insert(crate::handles::Handle::File {
+            ino,
+            file,
+            in_upper,
+        })
     }
 
     /// A directory's upper copy and the name `name` in it, as they are now.
@@ -64,9 +84,6 @@ impl Overlay {
         new_inode_bytes: u64,
         op: impl FnOnce() -> io::Result<T>,
     ) -> io::Result<T> {
-        if self.quota.is_none() {
-            return op();
-        }
         let node = self.node(parent)?;
         self.counted(
             || self.entry_places(&node, name, false),
@@ -138,9 +155,6 @@ impl Overlay {
         newname: &OsStr,
         caller: &Caller,
     ) -> io::Result<Attr> {
-        if self.quota.is_none() {
-            return self.link_uncounted(ino, newparent, newname, caller);
-        }
         let node = self.node(ino)?;
         let np = self.node(newparent)?;
         self.counted(
@@ -154,9 +168,6 @@ impl Overlay {
     }
 
     pub fn unlink(&self, parent: Ino, name: &OsStr, caller: &Caller) -> io::Result<()> {
-        if self.quota.is_none() {
-            return self.unlink_uncounted(parent, name, caller);
-        }
         let node = self.node(parent)?;
         self.counted(
             || self.entry_places(&node, name, false),
@@ -165,9 +176,6 @@ impl Overlay {
     }
 
     pub fn rmdir(&self, parent: Ino, name: &OsStr, caller: &Caller) -> io::Result<()> {
-        if self.quota.is_none() {
-            return self.rmdir_uncounted(parent, name, caller);
-        }
         let node = self.node(parent)?;
         self.counted(
             || self.entry_places(&node, name, true),
@@ -184,9 +192,6 @@ impl Overlay {
         flags: u32,
         caller: &Caller,
     ) -> io::Result<()> {
-        if self.quota.is_none() {
-            return self.rename_uncounted(olddir, oldname, newdir, newname, flags, caller);
-        }
         let op = self.node(olddir)?;
         let np = self.node(newdir)?;
         self.counted(
@@ -207,9 +212,6 @@ impl Overlay {
         set: &SetAttr,
         caller: &Caller,
     ) -> io::Result<Attr> {
-        if self.quota.is_none() {
-            return self.setattr_uncounted(ino, fh, set, caller);
-        }
         let node = self.node(ino)?;
         let result = self.counted(
             || self.object_places(&node),
@@ -227,9 +229,6 @@ impl Overlay {
         flags: i32,
         caller: &Caller,
     ) -> io::Result<()> {
-        if self.quota.is_none() {
-            return self.setxattr_uncounted(ino, name, value, flags, caller);
-        }
         let node = self.node(ino)?;
         self.counted(
             || self.object_places(&node),
@@ -238,9 +237,6 @@ impl Overlay {
     }
 
     pub fn removexattr(&self, ino: Ino, name: &OsStr, caller: &Caller) -> io::Result<()> {
-        if self.quota.is_none() {
-            return self.removexattr_uncounted(ino, name, caller);
-        }
         let node = self.node(ino)?;
         self.counted(
             || self.object_places(&node),
@@ -262,30 +258,40 @@ impl Overlay {
     }
 
     /// Before a write of `len` bytes at `offset` into `file`: refuses it when the blocks it
-    /// adds would not fit, and holds the counters' lock until the returned guard, dropped
-    /// after the write, has measured the file again.
+    /// adds would not fit a cap. The returned guard, dropped after the write, measures the
+    /// file again (or, without counters, holds off their start until the write is done).
     pub(crate) fn admit_growth<'a>(
         &'a self,
         file: &'a std::fs::File,
         offset: u64,
         len: u64,
-    ) -> io::Result<Option<Measured<'a>>> {
-        let Some(q) = &self.quota else {
-            return Ok(None);
+    ) -> io::Result<Measured<'a>> {
+        let q = match self.quota.get() {
+            Some(q) => q,
+            None => {
+                let uncounted = self.uncounted.read_recursive();
+                match self.quota.get() {
+                    Some(q) => {
+                        drop(uncounted);
+                        q
+                    }
+                    None => return Ok(Measured::Uncounted(uncounted)),
+                }
+            }
         };
         let changing = q.changing();
         let st = crate::layer::stat_fd(std::os::fd::AsFd::as_fd(file))?;
         q.admit(0, Quota::growth(&st, offset, len))?;
-        Ok(Some(Measured {
+        Ok(Measured::Counted {
             quota: q,
             file,
             _changing: changing,
-        }))
+        })
     }
 
     /// Measures the file open as `fh` again (its size may have changed through it).
     pub(crate) fn refresh_open(&self, ino: Ino, fh: Option<u64>) {
-        if let (Some(q), Some(fh)) = (&self.quota, fh) {
+        if let (Some(q), Some(fh)) = (self.quota.get(), fh) {
             let _ = self.with_file(ino, fh, |file, in_upper| {
                 if in_upper {
                     q.refresh(file);
@@ -297,14 +303,20 @@ impl Overlay {
 }
 
 /// Measures a file again when dropped (after the write it was admitted for).
-pub(crate) struct Measured<'a> {
-    quota: &'a Quota,
-    file: &'a std::fs::File,
-    _changing: parking_lot::ReentrantMutexGuard<'a, ()>,
+pub(crate) enum Measured<'a> {
+    Counted {
+        quota: &'a Quota,
+        file: &'a std::fs::File,
+        _changing: parking_lot::ReentrantMutexGuard<'a, ()>,
+    },
+    /// Held only for its drop: counters cannot start during the write.
+    Uncounted(#[allow(dead_code)] parking_lot::RwLockReadGuard<'a, ()>),
 }
 
 impl Drop for Measured<'_> {
     fn drop(&mut self) {
-        self.quota.refresh(self.file);
+        if let Measured::Counted { quota, file, .. } = self {
+            quota.refresh(file);
+        }
     }
 }

@@ -91,6 +91,22 @@ impl Handles {
         })
     }
 
+    /// The files open in the upper now.
+    pub fn upper_files(&self) -> Vec<File> {
+        self.map
+            .read()
+            .values()
+            .filter_map(|h| match &**h {
+                Handle::File {
+                    file,
+                    in_upper: true,
+                    ..
+                } => file.try_clone().ok(),
+                _ => None,
+            })
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.map.read().len()
     }

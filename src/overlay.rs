@@ -84,8 +84,12 @@ pub struct Overlay {
     /// Tells the kernel that a node's cached attributes are stale: set by the adapter once
     /// the session runs. Copy-up changes objects (and their parents) behind the kernel's back.
     invalidator: OnceLock<AttrInvalidator>,
-    /// The upper's counters, kept only when the mount has a cap.
-    pub(crate) quota: Option<crate::quota::Quota>,
+    /// The upper's counters: kept from the start on a capped mount, else from the first
+    /// `usage` query on (see `activate_counters`).
+    pub(crate) quota: OnceLock<crate::quota::Quota>,
+    /// Held (shared) by every change made while there are no counters, so that starting them
+    /// waits for those in flight and misses none.
+    pub(crate) uncounted: parking_lot::RwLock<()>,
 }
 
 impl std::fmt::Debug for Overlay {
@@ -111,12 +115,13 @@ impl Overlay {
         if !opts.read_only {
             init_uuid(&stack);
         }
-        let quota = match stack.upper() {
-            Some(upper) if opts.caps.any() && !opts.read_only => {
-                Some(crate::quota::Quota::start(opts.caps, &upper.root)?)
-            }
-            _ => None,
-        };
+        let quota = OnceLock::new();
+        if let Some(upper) = stack.upper()
+            && opts.caps.any()
+            && !opts.read_only
+        {
+            let _ = quota.set(crate::quota::Quota::start(opts.caps, &upper.root)?);
+        }
         let nodes = NodeTable::default();
         nodes.insert_root(Node::new(
             ROOT_INO,
@@ -129,6 +134,7 @@ impl Overlay {
             opts,
             invalidator: OnceLock::new(),
             quota,
+            uncounted: parking_lot::RwLock::new(()),
         })
     }
 
@@ -436,19 +442,16 @@ impl Overlay {
             self.mark_impure(fd_of(&parent_fd));
             Ok(())
         };
-        // An attribute may take a block of its own: counted on a capped mount.
-        let _ = match &self.quota {
-            Some(q) => q.measure(
-                || {
-                    vec![
-                        crate::quota::Place::dir(upper_fd.clone()),
-                        crate::quota::Place::dir(parent_fd.clone()),
-                    ]
-                },
-                record,
-            ),
-            None => record(),
-        };
+        // An attribute may take a block of its own: counted.
+        let _ = self.counted(
+            || {
+                vec![
+                    crate::quota::Place::dir(upper_fd.clone()),
+                    crate::quota::Place::dir(parent_fd.clone()),
+                ]
+            },
+            record,
+        );
     }
 
     pub fn forget(&self, ino: Ino, count: u64) {
@@ -505,15 +508,7 @@ impl Overlay {
         let (loc, layer) = self.locate(&node)?;
         let fd = self.open_object(&node, &loc, open_passthrough_flags(flags))?;
         let in_upper = self.stack.is_upper(layer);
-        let file = File::from(fd);
-        if in_upper && let Some(q) = &self.quota {
-            q.opened(&file);
-        }
-        let fh = self.handles.insert(Handle::File {
-            ino,
-            file,
-            in_upper,
-        });
+        let fh = self.insert_file(ino, File::from(fd), in_upper);
         Ok((fh, !in_upper))
     }
 
@@ -537,15 +532,14 @@ impl Overlay {
     }
 
     pub fn release(&self, ino: Ino, fh: u64) -> io::Result<()> {
+        let _uncounted = self.uncounted.read_recursive();
         let handle = self.handles.remove(ino, fh)?;
-        if let (
-            Some(q),
-            Handle::File {
+        if let Some(q) = self.quota.get()
+            && let Handle::File {
                 file,
                 in_upper: true,
                 ..
-            },
-        ) = (&self.quota, &*handle)
+            } = &*handle
         {
             q.closed(file);
         }
@@ -630,10 +624,7 @@ impl Overlay {
             return;
         }
         let remove = || target.remove(&impure);
-        let removed = match &self.quota {
-            Some(q) => q.measure(|| vec![crate::quota::Place::dir(dir_fd.clone())], remove),
-            None => remove(),
-        };
+        let removed = self.counted(|| vec![crate::quota::Place::dir(dir_fd.clone())], remove);
         if removed.is_ok() {
             self.attrs_changed(ino);
         }
@@ -648,7 +639,7 @@ impl Overlay {
         let top = &self.stack.layers[0];
         let st = nix::sys::statvfs::fstatvfs(&top.root)?;
         let real = Statfs::from_statvfs(&st);
-        Ok(match &self.quota {
+        Ok(match self.quota.get() {
             Some(q) => q.statfs(real),
             None => real,
         })

@@ -3,8 +3,9 @@
 //! attribute [`USAGE_XATTR`] on the mount's root (the `usage` tool reads it); the count is one
 //! walk of the upper below a directory fd, without following symlinks.
 //!
-//! A mount with a cap (`upper_limit=`, `upper_inodes=`) keeps counters and answers from them
-//! (see `quota`); any other mount walks its upper, exact but in time proportional to it.
+//! A mount with a cap (`upper_limit=`, `upper_inodes=`) keeps counters from the start and
+//! answers from them (see `quota`); any other mount walks its upper at the first query and
+//! keeps counters from then on, so monitors polling it are answered without a walk.
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
@@ -113,11 +114,27 @@ impl Overlay {
             .stack
             .upper()
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENODATA))?;
-        match &self.quota {
-            // A capped mount keeps counters: no walk.
-            Some(q) => Ok(q.usage()),
-            None => count_upper(&upper.root),
+        if let Some(q) = self.quota.get() {
+            return Ok(q.usage());
         }
+        self.activate_counters(&upper.root)
+    }
+
+    /// Starts the counters of an uncapped mount: waits for the changes in flight, walks the
+    /// upper, counts the files open now, and from then on measures every change (as a capped
+    /// mount does from the start). Returns the usage the walk found.
+    fn activate_counters(&self, root: &OwnedFd) -> io::Result<Usage> {
+        let _quiet = self.uncounted.write();
+        if let Some(q) = self.quota.get() {
+            return Ok(q.usage());
+        }
+        let q = crate::quota::Quota::start(crate::quota::Caps::default(), root)?;
+        for file in self.handles.upper_files() {
+            q.opened(&file);
+        }
+        let usage = q.usage();
+        let _ = self.quota.set(q);
+        Ok(usage)
     }
 }
 

@@ -1017,15 +1017,7 @@ impl Overlay {
         self.copy_up(node, data)?;
         let (loc, _) = self.locate(node)?;
         let fd = self.open_object(node, &loc, open_passthrough_flags(flags))?;
-        let file = File::from(fd);
-        if let Some(q) = &self.quota {
-            q.opened(&file);
-        }
-        let fh = self.handles.insert(Handle::File {
-            ino: node.ino,
-            file,
-            in_upper: true,
-        });
+        let fh = self.insert_file(node.ino, File::from(fd), true);
         Ok((fh, false))
     }
 

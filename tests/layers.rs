@@ -2331,6 +2331,16 @@ fn caps_fail_with_enospc_and_recover() {
 /// a file unlinked and then closed) `usage` equals `du` of the upper.
 #[test]
 fn capped_counters_follow_every_change() {
+    counters_follow_every_change(&["upper_limit=1G"]);
+}
+
+/// The same on a mount without a cap, whose counters start at its first `usage` query.
+#[test]
+fn counters_started_by_a_query_follow_every_change() {
+    counters_follow_every_change(&[]);
+}
+
+fn counters_follow_every_change(opts: &[&str]) {
     if !common::require_root_and_fuse() {
         return;
     }
@@ -2344,7 +2354,7 @@ fn capped_counters_follow_every_change() {
         .hardlink("linked", "linked2");
     l.dir("gone/deep").file("gone/deep/x", "x\n");
     let (u, w) = (s.dir("u"), s.dir("w"));
-    let m = mount_ours(&[l.root()], Some((&u, &w)), &["upper_limit=1G"]);
+    let m = mount_ours(&[l.root()], Some((&u, &w)), opts);
     let mp = m.path().to_path_buf();
     let live = [mp.as_os_str().to_os_string()];
     let check = |step: &str| {
