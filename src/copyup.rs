@@ -92,7 +92,7 @@ impl Overlay {
                 crate::quota::Place::entry(parent_upper.clone(), &name),
             ]
         };
-        self.counted(places, || {
+        let copied = self.counted(places, || {
             self.copy_into(
                 node,
                 work,
@@ -104,7 +104,11 @@ impl Overlay {
                 &st,
                 data,
             )
-        })
+        });
+        if copied.is_ok() && st.st_mode & libc::S_IFMT == libc::S_IFREG {
+            self.follow_copy_up(node);
+        }
+        copied
     }
 
     /// The copy itself: built in the work directory, renamed into `parent_upper` as `name`.

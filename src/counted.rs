@@ -47,11 +47,8 @@ impl Overlay {
         if in_upper && let Some(q) = self.quota.get() {
             q.opened(&file);
         }
-        self.handles.insert(crate::handles::Handle::File {
-            ino,
-            file,
-            in_upper,
-        })
+        self.handles
+            .insert(crate::handles::Handle::file(ino, file, in_upper))
     }
 
     /// A directory's upper copy and the name `name` in it, as they are now.

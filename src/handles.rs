@@ -19,6 +19,9 @@ pub enum Handle {
         file: File,
         /// The layer the file was opened in: an upper file is never a lower one.
         in_upper: bool,
+        /// Opened in a lower layer and copied up since: the upper copy, which the handle
+        /// uses from then on (see `Overlay::follow_copy_up`).
+        copy: RwLock<Option<File>>,
     },
     Dir {
         ino: Ino,
@@ -29,9 +32,38 @@ pub enum Handle {
 }
 
 impl Handle {
+    /// A handle on `file`, opened in the upper layer or (`in_upper` false) in a lower one.
+    pub fn file(ino: Ino, file: File, in_upper: bool) -> Handle {
+        Handle::File {
+            ino,
+            file,
+            in_upper,
+            copy: RwLock::new(None),
+        }
+    }
+
     fn ino(&self) -> Ino {
         match self {
             Handle::File { ino, .. } | Handle::Dir { ino, .. } => *ino,
+        }
+    }
+
+    /// Runs `f` on the file this open file handle reaches now (its upper copy once it has
+    /// one) and whether that file is in the upper layer; EISDIR for a directory handle.
+    pub fn with_current<T>(&self, f: impl FnOnce(&File, bool) -> io::Result<T>) -> io::Result<T> {
+        match self {
+            Handle::File {
+                file,
+                in_upper,
+                copy,
+                ..
+            // Recursive: copy_file_range holds two handles' locks, possibly one twice, and
+            // `Overlay::follow_copy_up` may be waiting to write in between.
+            } => match &*copy.read_recursive() {
+                Some(copy) => f(copy, true),
+                None => f(file, *in_upper),
+            },
+            Handle::Dir { .. } => Err(io::Error::from_raw_os_error(libc::EISDIR)),
         }
     }
 }
@@ -83,12 +115,44 @@ impl Handles {
         }
     }
 
-    /// Some open file of node `ino` (to reach an object that lost its last name).
-    pub fn any_file_of(&self, ino: Ino) -> Option<File> {
-        self.map.read().values().find_map(|h| match &**h {
-            Handle::File { ino: i, file, .. } if *i == ino => file.try_clone().ok(),
-            _ => None,
-        })
+    /// The open file handles of node `ino`, with their ids. Taken out of the table before
+    /// anyone looks into them: `Overlay::follow_copy_up` consults the table while it holds a
+    /// handle's `copy` lock.
+    fn files_of(&self, ino: Ino) -> Vec<(u64, Arc<Handle>)> {
+        self.map
+            .read()
+            .iter()
+            .filter(|(_, h)| matches!(&***h, Handle::File { ino: i, .. } if *i == ino))
+            .map(|(fh, h)| (*fh, h.clone()))
+            .collect()
+    }
+
+    /// Some open file of node `ino` (to reach an object that lost its last name): one in
+    /// the upper layer when there is one; with `upper_only`, only such a one.
+    pub fn any_file_of(&self, ino: Ino, upper_only: bool) -> Option<File> {
+        let mut lower = None;
+        for (_, h) in self.files_of(ino) {
+            match h.with_current(|file, in_upper| Ok((file.try_clone()?, in_upper))) {
+                Ok((file, true)) => return Some(file),
+                Ok((file, false)) if !upper_only && lower.is_none() => lower = Some(file),
+                _ => {}
+            }
+        }
+        lower
+    }
+
+    /// The open file handles of node `ino` still on a file in a lower layer, with their ids.
+    pub fn lower_files_of(&self, ino: Ino) -> Vec<(u64, Arc<Handle>)> {
+        let mut files = self.files_of(ino);
+        files.retain(|(_, h)| {
+            matches!(&**h, Handle::File { in_upper: false, copy, .. } if copy.read().is_none())
+        });
+        files
+    }
+
+    /// True while handle `fh` is open.
+    pub fn contains(&self, fh: u64) -> bool {
+        self.map.read().contains_key(&fh)
     }
 
     /// The files open in the upper now.
@@ -102,6 +166,8 @@ impl Handles {
                     in_upper: true,
                     ..
                 } => file.try_clone().ok(),
+                // A lower file's handle follows its upper copy once it has one.
+                Handle::File { copy, .. } => copy.read().as_ref().and_then(|c| c.try_clone().ok()),
                 _ => None,
             })
             .collect()

@@ -462,13 +462,13 @@ impl Overlay {
         let node = self.node(ino)?;
         if let Some(fh) = fh
             && let Ok(handle) = self.handles.get(ino, fh)
-            && let Handle::File { file, .. } = &*handle
+            && let Handle::File { .. } = &*handle
         {
-            let st = nix::sys::stat::fstat(file)?;
+            let st = handle.with_current(|file, _| Ok(nix::sys::stat::fstat(file)?))?;
             return Ok(self.attr_of(&node, &st));
         }
         let removed = node.state().aliases.is_empty() && node.ino != ROOT_INO;
-        if removed && let Some(file) = self.handles.any_file_of(ino) {
+        if removed && let Some(file) = self.handles.any_file_of(ino, false) {
             // Removed while open (fstat sends no handle): its open files still reach it.
             let st = nix::sys::stat::fstat(&file)?;
             return Ok(self.attr_of(&node, &st));
@@ -509,41 +509,106 @@ impl Overlay {
         let fd = self.open_object(&node, &loc, open_passthrough_flags(flags))?;
         let in_upper = self.stack.is_upper(layer);
         let fh = self.insert_file(ino, File::from(fd), in_upper);
+        if !in_upper && self.in_upper(&node) {
+            // Copied up since we found the lower file: a copy-up that ended before the handle
+            // was listed could not move it.
+            self.follow_copy_up(&node);
+        }
         Ok((fh, !in_upper))
     }
 
     pub fn read(&self, ino: Ino, fh: u64, offset: u64, size: u32) -> io::Result<Vec<u8>> {
         let handle = self.handles.get(ino, fh)?;
-        let Handle::File { file, .. } = &*handle else {
-            return Err(errno(libc::EISDIR));
-        };
-        let mut buf = vec![0u8; size as usize];
-        let mut done = 0;
-        while done < buf.len() {
-            match file.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
+        handle.with_current(|file, _| {
+            let mut buf = vec![0u8; size as usize];
+            let mut done = 0;
+            while done < buf.len() {
+                match file.read_at(&mut buf[done..], offset + done as u64) {
+                    Ok(0) => break,
+                    Ok(n) => done += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                }
             }
-        }
-        buf.truncate(done);
-        Ok(buf)
+            buf.truncate(done);
+            Ok(buf)
+        })
     }
 
     pub fn release(&self, ino: Ino, fh: u64) -> io::Result<()> {
         let _uncounted = self.uncounted.read_recursive();
         let handle = self.handles.remove(ino, fh)?;
-        if let Some(q) = self.quota.get()
-            && let Handle::File {
-                file,
-                in_upper: true,
-                ..
-            } = &*handle
+        if let Handle::File {
+            file,
+            in_upper,
+            copy,
+            ..
+        } = &*handle
         {
-            q.closed(file);
+            // Taken after the handle left the table, so no copy-up gives it another.
+            let copy = copy.write().take();
+            if let Some(q) = self.quota.get() {
+                if *in_upper {
+                    q.closed(file);
+                }
+                if let Some(copy) = &copy {
+                    q.closed(copy);
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Moves the handles open on `node`'s lower file to its upper copy, as the kernel's
+    /// overlay moves an open file to the copy at its next use: reads through them must see
+    /// what is written to the copy, and its truncation by an `O_TRUNC` open (which FUSE sends
+    /// as a setattr after opening the file read-only, in the lower layer).
+    pub(crate) fn follow_copy_up(&self, node: &Node) {
+        let handles = self.handles.lower_files_of(node.ino);
+        if handles.is_empty() {
+            return;
+        }
+        let loc = match self.locate(node) {
+            Ok((loc, layer)) if self.stack.is_upper(layer) => loc,
+            Ok(_) => return,
+            Err(e) => {
+                tracing::debug!(ino = node.ino, error = %e, "open files stay on the lower file");
+                return;
+            }
+        };
+        for (fh, handle) in handles {
+            let Handle::File { file, copy, .. } = &*handle else {
+                continue;
+            };
+            let mut copy = copy.write();
+            if copy.is_some() || !self.handles.contains(fh) {
+                continue;
+            }
+            let flags = match nix::fcntl::fcntl(file, nix::fcntl::FcntlArg::F_GETFL) {
+                Ok(flags) => open_passthrough_flags(flags),
+                Err(_) => OFlag::O_RDONLY,
+            };
+            let mut opened = self.open_object(node, &loc, flags);
+            if matches!(&opened, Err(e) if e.raw_os_error() == Some(libc::EPERM))
+                && flags.contains(OFlag::O_NOATIME)
+            {
+                // O_NOATIME needs the owner or CAP_FOWNER: the kernel drops it too rather
+                // than fail.
+                opened = self.open_object(node, &loc, flags - OFlag::O_NOATIME);
+            }
+            match opened {
+                Ok(fd) => {
+                    let opened = File::from(fd);
+                    if let Some(q) = self.quota.get() {
+                        q.opened(&opened);
+                    }
+                    *copy = Some(opened);
+                }
+                Err(e) => {
+                    tracing::debug!(ino = node.ino, error = %e, "an open file stays on the lower file")
+                }
+            }
+        }
     }
 
     /// Opens a directory. Its listing is taken when it is read (see `readdir_at`), not here.

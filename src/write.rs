@@ -891,7 +891,7 @@ impl Overlay {
         let node = self.node(ino)?;
         if self.in_upper(&node)
             && node.state().aliases.is_empty()
-            && let Some(file) = self.handles.any_file_of(ino)
+            && let Some(file) = self.handles.any_file_of(ino, true)
         {
             // Unlinked while open: only its open files reach it.
             return self.setattr_open_file(&node, &file, set);
@@ -1027,11 +1027,7 @@ impl Overlay {
         fh: u64,
         f: impl FnOnce(&File, bool) -> io::Result<T>,
     ) -> io::Result<T> {
-        let handle = self.handles.get(ino, fh)?;
-        match &*handle {
-            Handle::File { file, in_upper, .. } => f(file, *in_upper),
-            Handle::Dir { .. } => Err(errno(libc::EISDIR)),
-        }
+        self.handles.get(ino, fh)?.with_current(f)
     }
 
     pub fn write(&self, ino: Ino, fh: u64, offset: u64, data: &[u8]) -> io::Result<usize> {
@@ -1130,27 +1126,26 @@ impl Overlay {
     ) -> io::Result<usize> {
         let src = self.handles.get(from.0, from.1)?;
         let dst = self.handles.get(to.0, to.1)?;
-        let (
-            Handle::File { file: sf, .. },
-            Handle::File {
-                file: df,
-                in_upper: true,
-                ..
-            },
-        ) = (&*src, &*dst)
-        else {
+        if matches!(&*src, Handle::Dir { .. }) || matches!(&*dst, Handle::Dir { .. }) {
             return Err(errno(libc::EBADF));
-        };
-        let _measured = self.admit_growth(df, to.2, len)?;
-        let mut off_in = from.2 as i64;
-        let mut off_out = to.2 as i64;
-        Ok(nix::fcntl::copy_file_range(
-            sf,
-            Some(&mut off_in),
-            df,
-            Some(&mut off_out),
-            len as usize,
-        )?)
+        }
+        src.with_current(|sf, _| {
+            dst.with_current(|df, in_upper| {
+                if !in_upper {
+                    return Err(errno(libc::EBADF));
+                }
+                let _measured = self.admit_growth(df, to.2, len)?;
+                let mut off_in = from.2 as i64;
+                let mut off_out = to.2 as i64;
+                Ok(nix::fcntl::copy_file_range(
+                    sf,
+                    Some(&mut off_in),
+                    df,
+                    Some(&mut off_out),
+                    len as usize,
+                )?)
+            })
+        })
     }
 
     pub(crate) fn setxattr_uncounted(

@@ -370,6 +370,104 @@ fn lower_hard_links_stay_together() {
     );
 }
 
+/// A file opened read-only in a lower layer and copied up while open reads the copy from then
+/// on, as under the kernel (whose overlay moves an open file to its copy at the next use):
+/// what is written to the copy by path, a truncation by path, and the truncation of an
+/// `O_RDONLY|O_TRUNC` open (which FUSE sends as a setattr after opening the lower file; seed
+/// 7508 of `all_ops_match_kernel` read the lower file's data through it, or nothing past it).
+#[test]
+fn reader_follows_copy_up() {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    if !common::require_root_and_fuse() {
+        return;
+    }
+    let content: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8 + 1).collect();
+    let run = |who: Impl| -> Vec<String> {
+        let scratch = common::Scratch::new();
+        let lower = common::Layer::new(scratch.join("l"));
+        lower
+            .file("trunc", &content)
+            .file("written", &content)
+            .file("shrunk", &content);
+        let upper = scratch.dir("u");
+        let work = scratch.dir("w");
+        let lowers = [lower.root()];
+        let mut seen = Vec::new();
+        let scenario = |root: &std::path::Path, seen: &mut Vec<String>| {
+            let at = |name: &str| root.join(name);
+            let open = |name: &str, flags: i32| {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(flags)
+                    .open(at(name))
+                    .unwrap_or_else(|e| panic!("{}: open /{name}: {e}", who.name()))
+            };
+            let write_by_path = |name: &str, offset: u64, data: &[u8]| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(at(name))
+                    .and_then(|f| f.write_all_at(data, offset))
+                    .unwrap_or_else(|e| panic!("{}: write /{name}: {e}", who.name()))
+            };
+            let mut pread = |what: &str, f: &std::fs::File, offset: u64, len: usize| {
+                let mut buf = vec![0u8; len];
+                let n = f
+                    .read_at(&mut buf, offset)
+                    .unwrap_or_else(|e| panic!("{}: {what}: pread: {e}", who.name()));
+                let size = f.metadata().map(|m| m.len()).ok();
+                seen.push(format!(
+                    "{what}: {n} bytes #{:016x} at {offset}, size {size:?}",
+                    common::prng::fnv1a(&buf[..n])
+                ));
+            };
+
+            let trunc = open("trunc", libc::O_TRUNC);
+            write_by_path("trunc", 91_719, b"written past the end by path");
+            pread("O_RDONLY|O_TRUNC, written by path", &trunc, 65_536, 10_457);
+            pread("O_RDONLY|O_TRUNC, written by path", &trunc, 91_700, 100);
+
+            let reader = open("written", 0);
+            pread("reader before the copy-up", &reader, 0, 16);
+            write_by_path("written", 0, b"NEW DATA");
+            write_by_path("written", 40_000, b"NEW DATA");
+            pread("reader after a write by path", &reader, 0, 16);
+            pread("reader after a write by path", &reader, 40_000, 16);
+
+            let reader = open("shrunk", 0);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(at("shrunk"))
+                .and_then(|f| f.set_len(5_000))
+                .unwrap_or_else(|e| panic!("{}: truncate /shrunk: {e}", who.name()));
+            pread("reader after a truncation by path", &reader, 4_096, 4_096);
+        };
+        match who {
+            Impl::Kernel => {
+                let m = common::mount_kernel(&lowers, Some((&upper, &work)), ops::KERNEL_OPTS);
+                scenario(m.path(), &mut seen);
+                assert!(m.unmount(), "kernel overlay unmount failed");
+            }
+            Impl::Ours => {
+                let m = common::mount_ours(&lowers, Some((&upper, &work)), &[]);
+                scenario(m.path(), &mut seen);
+                let ended = m.unmount();
+                assert_eq!(
+                    ended.daemon,
+                    common::DaemonExit::Exited(0),
+                    "our daemon on unmount; stderr: {}",
+                    ended.stderr
+                );
+            }
+        }
+        seen
+    };
+    let (kernel, ours) = (run(Impl::Kernel), run(Impl::Ours));
+    for (i, (k, o)) in kernel.iter().zip(&ours).enumerate() {
+        assert_eq!(o, k, "read {i} differs from the kernel's (left: ours)");
+    }
+    assert_eq!(ours.len(), kernel.len(), "number of reads");
+}
+
 /// Print the generated stack of `RSFS_SEED` (each layer's objects), to read a failure report:
 /// `RSFS_SEED=N cargo test --release --test write_differential dump_stack -- --ignored --nocapture`.
 #[test]
