@@ -650,10 +650,15 @@ impl KernelMount {
         &self.path
     }
 
-    /// Unmount; true if `umount` succeeded.
+    /// Unmount; true if `umount` succeeded. EBUSY is retried for a few seconds: a test thread
+    /// that forks a process (our daemon, a tool) while another holds a file open in this mount
+    /// gives the child a copy of that descriptor until it execs, which keeps the mount busy
+    /// for that instant even though the descriptor is close-on-exec.
     pub fn unmount(mut self) -> bool {
         self.ended = true;
-        let ok = unmount_cmd("umount", &[self.path.as_os_str()]).0;
+        let ok = super::poll_until(Duration::from_secs(5), || {
+            unmount_cmd("umount", &[self.path.as_os_str()]).0 || !is_mounted(&self.path)
+        });
         force_unmount(&self.path);
         ok
     }
