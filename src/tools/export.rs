@@ -261,14 +261,12 @@ impl<W: Write> Exporter<'_, W> {
         if self.req.lowers.is_empty() {
             bail!("a metacopy file needs --lowerdir to find its data");
         }
-        if self.lowers_only.is_none() {
-            let view = MergedView::open(None, &self.req.lowers, XattrNames { userxattr: false })
-                .context("cannot open the lower layers")?;
-            self.lowers_only = Some(view);
-        }
-        let Some(view) = &self.lowers_only else {
-            unreachable!("opened above");
+        let view = match self.lowers_only.take() {
+            Some(view) => view,
+            None => MergedView::open(None, &self.req.lowers, XattrNames { userxattr: false })
+                .context("cannot open the lower layers")?,
         };
+        let view = &*self.lowers_only.insert(view);
         let source = upperwalk::redirect_of(e.target())?.unwrap_or_else(|| e.path.to_vec());
         let attr = view
             .lookup_path(&source)
@@ -293,16 +291,16 @@ impl<W: Write> Exporter<'_, W> {
                 show(redirect)
             );
         }
-        if self.merged.is_none() {
-            let names = XattrNames {
-                userxattr: self.redirect_namespace_is_user(path),
-            };
-            let view = MergedView::open(Some(&self.req.upper), &self.req.lowers, names)
-                .context("cannot open the layers")?;
-            self.merged = Some(view);
-        }
-        let Some(view) = self.merged.take() else {
-            unreachable!("opened above");
+        // Taken out while its content is written (that needs `self` mutably), put back after.
+        let view = match self.merged.take() {
+            Some(view) => view,
+            None => {
+                let names = XattrNames {
+                    userxattr: self.redirect_namespace_is_user(path),
+                };
+                MergedView::open(Some(&self.req.upper), &self.req.lowers, names)
+                    .context("cannot open the layers")?
+            }
         };
         let result = view
             .lookup_path(path)
