@@ -2458,3 +2458,55 @@ fn xattr_set(p: &Path, name: &str, value: &[u8]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// An upper written by kernel overlayfs with `metacopy=on` holds a chmod'ed lower file as
+/// metadata only (`trusted.overlay.metacopy`): export writes it with its data from the lower
+/// (and its new mode), and says it needs `--lowerdir` when not given one.
+#[test]
+fn metacopy_files_are_exported_with_their_data() {
+    if !common::require_root_and_fuse() {
+        return;
+    }
+    let s = Scratch::new();
+    let l = Layer::new(s.join("l"));
+    let data = Rng::new(11).bytes(300_000);
+    l.file("dir/blob", &data).mode("dir/blob", 0o644);
+    let (u, w) = (s.dir("u"), s.dir("w"));
+    let k = mount_kernel(
+        &[l.root()],
+        Some((&u, &w)),
+        &["redirect_dir=on", "index=on", "metacopy=on"],
+    );
+    std::fs::set_permissions(
+        k.path().join("dir/blob"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .expect("chmod through the kernel's overlay");
+    assert!(k.unmount(), "unmounting the kernel's overlay");
+    let copy = u.join("dir/blob");
+    assert!(
+        xattr::get(&copy, "trusted.overlay.metacopy").is_ok(),
+        "the kernel did not write a metacopy file at {} (the test needs metacopy=on)",
+        copy.display()
+    );
+    let out = s.join("layer.tar");
+    export_to(&u, &[l.root()], &out, &[]);
+    let entries = read_layer(&out);
+    let blob = entries
+        .iter()
+        .find(|e| e.name == "dir/blob")
+        .unwrap_or_else(|| panic!("no dir/blob in {:?}", normalized_names(&entries)));
+    assert_eq!(blob.typeflag, b'0', "dir/blob is a regular file entry");
+    assert_eq!(blob.mode & 0o7777, 0o600, "the metacopy's own (new) mode");
+    assert_eq!(blob.data, data, "the data comes from the lower");
+    let mut a = args(&["export", "--upper"]);
+    a.push(u.clone().into());
+    a.push("-o".into());
+    a.push(s.join("no-lowers.tar").into());
+    let r = rsfs(&a);
+    assert!(
+        !r.ok() && r.stderr.contains("--lowerdir"),
+        "export of a metacopy upper without --lowerdir: {}",
+        r.describe()
+    );
+}
