@@ -252,6 +252,9 @@ pub fn fd_of(fd: &Arc<OwnedFd>) -> BorrowedFd<'_> {
     fd.as_fd()
 }
 
+/// Below this many slots the node table is never shrunk (a few hundred KiB at most).
+const SHRINK_ABOVE: usize = 16 * 1024;
+
 /// The live nodes. A lookup inserts or reuses a node and counts one reference; forget drops
 /// references and removes the node at zero. The lock is never held across a syscall.
 #[derive(Debug, Default)]
@@ -343,9 +346,11 @@ impl NodeTable {
         }
     }
 
-    pub fn forget(&self, ino: Ino, count: u64) {
+    /// Drops `count` lookups of `ino`. True when the table just shrank well below its peak
+    /// (the kernel forgot most of what it knew): the caller may then give freed memory back.
+    pub fn forget(&self, ino: Ino, count: u64) -> bool {
         if ino == ROOT_INO {
-            return;
+            return false;
         }
         let mut nodes = self.nodes.write();
         if let Some(node) = nodes.get(&ino) {
@@ -356,8 +361,17 @@ impl NodeTable {
             if prev <= count {
                 nodes.remove(&ino);
                 crate::stats::nodes_changed(-1);
+                // A map never shrinks by itself: after a walk of a million files it would keep
+                // its peak size for the life of the mount. Shrinking at each quarter keeps the
+                // cost amortized (geometric), and leaves room to grow again.
+                if nodes.capacity() > SHRINK_ABOVE && nodes.len() < nodes.capacity() / 4 {
+                    let keep = nodes.len() * 2;
+                    nodes.shrink_to(keep);
+                    return true;
+                }
             }
         }
+        false
     }
 
     pub fn len(&self) -> usize {

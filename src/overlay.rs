@@ -455,7 +455,11 @@ impl Overlay {
     }
 
     pub fn forget(&self, ino: Ino, count: u64) {
-        self.nodes.forget(ino, count);
+        if self.nodes.forget(ino, count) {
+            // The nodes just freed sit in the allocator's free lists; give those pages back,
+            // so that the daemon's memory follows what the kernel still caches.
+            crate::sys::release_free_memory();
+        }
     }
 
     pub fn getattr(&self, ino: Ino, fh: Option<u64>) -> io::Result<Attr> {

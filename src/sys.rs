@@ -253,3 +253,13 @@ pub fn fs_uuid(fd: BorrowedFd<'_>) -> Option<[u8; 16]> {
     let ret = unsafe { libc::ioctl(fd.as_raw_fd(), FS_IOC_GETFSUUID, &mut out) };
     (ret == 0 && out.len == 16).then_some(out.uuid)
 }
+
+/// Returns the allocator's free memory to the system (glibc's `malloc_trim`): freed memory
+/// otherwise stays in its arenas, and the daemon's RSS would keep its peak forever.
+pub fn release_free_memory() {
+    // SAFETY: malloc_trim takes no pointers and only walks glibc's own heap structures, which
+    // it locks itself; any padding value is valid.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
