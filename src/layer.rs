@@ -136,6 +136,11 @@ pub fn readlink_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Vec<u8>> {
         .to_vec())
 }
 
+/// The target of the symlink `fd` itself (an `O_PATH` fd taken without following it).
+pub fn readlink_fd(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
+    Ok(nix::fcntl::readlinkat(fd, c"")?.as_bytes().to_vec())
+}
+
 /// Where the xattr of an object lives: an open directory, or a name inside one.
 #[derive(Clone, Copy)]
 pub enum XattrTarget<'a> {

@@ -493,9 +493,32 @@ impl Overlay {
 
     pub fn readlink(&self, ino: Ino) -> io::Result<Vec<u8>> {
         let node = self.node(ino)?;
-        match self.locate(&node)? {
+        // The fd kept of a symlink that is losing or lost a name (renamed, removed) is the
+        // object itself: its name may hold something else by now, a whiteout above all.
+        let kept = || {
+            let st = node.state();
+            match (&st.kept, st.file_type) {
+                (Some(fd), libc::S_IFLNK) => Some(fd.clone()),
+                _ => None,
+            }
+        };
+        if let Some(fd) = kept() {
+            return layer::readlink_fd(fd_of(&fd));
+        }
+        let res = match self.locate(&node)? {
             (Location::Entry(dir, name), _) => layer::readlink_at(fd_of(&dir), &name),
             (Location::Dir(_) | Location::Kept(_), _) => Err(errno(libc::EINVAL)),
+        };
+        match res {
+            // A rename or removal racing with this request replaced the name after we found
+            // it: such a change keeps the symlink's fd before the name goes.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) => {
+                match kept() {
+                    Some(fd) => layer::readlink_fd(fd_of(&fd)),
+                    None => Err(e),
+                }
+            }
+            other => other,
         }
     }
 

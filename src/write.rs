@@ -560,6 +560,31 @@ impl Overlay {
         }
     }
 
+    /// Keeps an `O_PATH` fd of the upper symlink `node`, found as `name` in the upper
+    /// directory `dir`, before a rename moves it: until the node learns its new name, its old
+    /// one holds something else (a whiteout above all), and a readlink racing with the rename
+    /// reaches the symlink through this fd (see `NodeState::kept`).
+    fn keep_moving_symlink(&self, node: &Arc<Node>, dir: BorrowedFd<'_>, name: &OsStr) {
+        if node.state().file_type != libc::S_IFLNK {
+            return;
+        }
+        let fd = match layer::open_at(dir, name, OFlag::O_PATH, 0) {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::debug!(name = ?name, error = %e, "cannot keep a symlink being moved");
+                return;
+            }
+        };
+        if layer::stat_fd(layer::borrow(&fd))
+            .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFLNK)
+        {
+            let mut st = node.state_mut();
+            if st.file_type == libc::S_IFLNK {
+                st.kept = Some(Arc::new(fd));
+            }
+        }
+    }
+
     /// A directory the upper alone holds and that never had lower content (no origin
     /// record), so it cannot hold whiteouts that matter.
     fn is_pure_upper_dir(&self, layers: &[DirLayer]) -> bool {
@@ -781,6 +806,7 @@ impl Overlay {
         {
             crate::workdir::clear_dir(fd_of(&l.fd()?))?;
         }
+        self.keep_moving_symlink(&src_node, od, oldname);
         let renamed = self.rename_in_upper(
             od,
             oldname,

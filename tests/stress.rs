@@ -737,15 +737,14 @@ impl UpperCheck<'_> {
     }
 }
 
-// Not in the default run yet: under 8 racing threads about 1 run in 12 still sees one
-// unexpected EINVAL on a write or append (cause not found yet). The EXDEV on opens is gone: it
-// came from `openat2(RESOLVE_BENEATH)` when a rename moved the file out of its directory while
-// the open ran (see `Overlay::open_object`). Run it with `--ignored`; the session note of issue
-// 7 has the details. (Upper entries the final walk did not list came from listings
+// Unexpected EINVALs on writes, appends, reads and stats came from the symlink being followed:
+// a readlink racing with a rename of the symlink read its old name, which already held a
+// whiteout (see `Overlay::readlink`). The EXDEV on opens came from `openat2(RESOLVE_BENEATH)`
+// when a rename moved the file out of its directory while the open ran (see
+// `Overlay::open_object`). (Upper entries the final walk did not list came from listings
 // snapshotted at opendir rather than at the first read:
 // `a_listing_shows_entries_made_after_opendir` below.)
 #[test]
-#[ignore = "known rare EINVAL on writes under racing renames and unlinks (issue 7)"]
 fn eight_threads_on_overlapping_paths() {
     if !require_root_and_fuse() {
         return;
