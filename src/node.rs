@@ -260,6 +260,9 @@ const SHRINK_ABOVE: usize = 16 * 1024;
 #[derive(Debug, Default)]
 pub struct NodeTable {
     nodes: RwLock<HashMap<Ino, Arc<Node>>>,
+    /// The table's size when memory was last given back (or its peak since), changed only
+    /// under the table's write lock.
+    high_mark: std::sync::atomic::AtomicUsize,
 }
 
 impl NodeTable {
@@ -359,6 +362,7 @@ impl NodeTable {
             node.lookups
                 .store(prev.saturating_sub(count), Ordering::Relaxed);
             if prev <= count {
+                let before = nodes.len();
                 nodes.remove(&ino);
                 crate::stats::nodes_changed(-1);
                 // A map never shrinks by itself: after a walk of a million files it would keep
@@ -367,8 +371,16 @@ impl NodeTable {
                 if nodes.capacity() > SHRINK_ABOVE && nodes.len() < nodes.capacity() / 4 {
                     let keep = nodes.len() * 2;
                     nodes.shrink_to(keep);
+                }
+                // Memory goes back each time the table halves from its last high mark, down
+                // to the last node: a few dozen times for a million forgets, never in churn
+                // around a steady size.
+                let high = self.high_mark.load(Ordering::Relaxed).max(before);
+                if nodes.len() <= high / 2 {
+                    self.high_mark.store(nodes.len(), Ordering::Relaxed);
                     return true;
                 }
+                self.high_mark.store(high, Ordering::Relaxed);
             }
         }
         false
