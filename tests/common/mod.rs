@@ -137,14 +137,28 @@ pub struct Outcome {
 /// Run `bin args...` with output to files (a daemon that keeps them open cannot hang us) and a
 /// timeout after which it is killed.
 pub fn run_with_timeout(bin: &Path, args: &[OsString], timeout: Duration) -> Outcome {
+    run_with_timeout_env(bin, args, &[], timeout)
+}
+
+/// [`run_with_timeout`] with extra environment variables.
+pub fn run_with_timeout_env<A: AsRef<std::ffi::OsStr>>(
+    bin: &Path,
+    args: &[A],
+    env: &[(&str, &std::ffi::OsStr)],
+    timeout: Duration,
+) -> Outcome {
     use std::io::{Read, Seek, SeekFrom};
     let mut out = tempfile::tempfile().expect("tempfile");
     let mut err = tempfile::tempfile().expect("tempfile");
-    let mut child = std::process::Command::new(bin)
-        .args(args)
+    let mut cmd = std::process::Command::new(bin);
+    cmd.args(args)
         .stdin(std::process::Stdio::null())
         .stdout(out.try_clone().expect("dup"))
-        .stderr(err.try_clone().expect("dup"))
+        .stderr(err.try_clone().expect("dup"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
     let mut status = None;

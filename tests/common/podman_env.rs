@@ -8,7 +8,7 @@
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use crate::common::mountinfo::mounts_under;
@@ -97,40 +97,7 @@ pub fn tools() -> Option<Tools> {
 }
 
 fn run_env(bin: &Path, args: &[&OsStr], env: &[(&str, &OsStr)], timeout: Duration) -> Outcome {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut out = tempfile::tempfile().expect("tempfile");
-    let mut err = tempfile::tempfile().expect("tempfile");
-    let mut cmd = Command::new(bin);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().expect("dup"))
-        .stderr(err.try_clone().expect("dup"));
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-    let mut status = None;
-    poll_until(timeout, || {
-        status = child.try_wait().ok().flatten();
-        status.is_some()
-    });
-    if status.is_none() {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    let read = |f: &mut std::fs::File| {
-        let mut s = String::new();
-        let _ = f.seek(SeekFrom::Start(0));
-        let _ = f.read_to_string(&mut s);
-        s
-    };
-    Outcome {
-        status,
-        stdout: read(&mut out),
-        stderr: read(&mut err),
-    }
+    crate::common::run_with_timeout_env(bin, args, env, timeout)
 }
 
 /// One private podman configuration. Dropping it removes every container, unmounts whatever is
