@@ -10,13 +10,13 @@ mod common;
 use std::ffi::OsString;
 use std::fs;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use common::mounts::{DaemonExit, DaemonMount, force_unmount, overlay_options};
+use common::mounts::{DaemonExit, DaemonMount, TmpfsMount, overlay_options};
 use common::{
     Layer, Scratch, bin_is_overridden, our_bin, poll_until, require_root_and_fuse, wait_deadline,
 };
@@ -219,32 +219,9 @@ fn status_kib(pid: i32, field: &str) -> u64 {
         .unwrap_or(u64::MAX)
 }
 
-/// A tmpfs for the generated lower: a million files are created there in seconds (a minute
-/// on ext4) and gone with the unmount (another half minute of `rm` on ext4).
-struct BigTmpfs(PathBuf);
-
-impl BigTmpfs {
-    fn mount(target: &Path) -> BigTmpfs {
-        let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=64m,nr_inodes=2m", "tmpfs"])
-            .arg(target)
-            .output()
-            .expect("run mount");
-        assert!(
-            out.status.success(),
-            "mount tmpfs on {}: {}",
-            target.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        BigTmpfs(target.to_path_buf())
-    }
-}
-
-impl Drop for BigTmpfs {
-    fn drop(&mut self) {
-        force_unmount(&self.0);
-    }
-}
+/// Options of the tmpfs for the generated lower: a million files are created there in seconds
+/// (a minute on ext4) and gone with the unmount (another half minute of `rm` on ext4).
+const BIG_TMPFS_OPTS: &str = "size=64m,nr_inodes=2m";
 
 /// `BIG_DIRS` x `BIG_FILES` empty files under `root/t`, made by two threads.
 fn generate_big_tree(root: &Path) {
@@ -367,8 +344,8 @@ fn a_walk_of_a_million_files_keeps_fds_and_memory_bounded() {
     }
     let start = Instant::now();
     let scratch = Scratch::new();
-    let tmpfs = BigTmpfs::mount(&scratch.dir("l"));
-    generate_big_tree(&tmpfs.0);
+    let tmpfs = TmpfsMount::with_options(&scratch.dir("l"), BIG_TMPFS_OPTS);
+    generate_big_tree(tmpfs.path());
     let generated = start.elapsed();
     let (u, w) = (scratch.dir("u"), scratch.dir("w"));
     let target = scratch.dir("m");
@@ -380,7 +357,7 @@ fn a_walk_of_a_million_files_keeps_fds_and_memory_bounded() {
     } else {
         &[&log_opt]
     };
-    let m = mount_limited_with(&[&tmpfs.0], (&u, &w), &target, extra);
+    let m = mount_limited_with(&[tmpfs.path()], (&u, &w), &target, extra);
     let pid = m.daemon_pid().expect("daemon pid").as_raw();
     let root = m.path().to_path_buf();
     let (fds_idle, rss_idle) = (fd_count(pid), rss_kib(pid));

@@ -694,9 +694,14 @@ pub struct TmpfsMount {
 
 impl TmpfsMount {
     pub fn new(target: &Path) -> TmpfsMount {
+        Self::with_options(target, "size=16m")
+    }
+
+    /// A tmpfs with the given mount options (`size=`, `nr_inodes=`).
+    pub fn with_options(target: &Path, opts: &str) -> TmpfsMount {
         std::fs::create_dir_all(target).expect("mkdir tmpfs target");
         let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+            .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
             .arg(target)
             .output()
             .expect("run mount");
