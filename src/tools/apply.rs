@@ -19,7 +19,7 @@ use anyhow::{Context, bail};
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{Mode, SFlag, UtimensatFlags};
 use nix::sys::time::TimeSpec;
-use nix::unistd::{Gid, Uid, UnlinkatFlags};
+use nix::unistd::{Gid, Uid};
 use tar::EntryType;
 
 use crate::format::{self, XattrNames};
@@ -438,22 +438,10 @@ fn set_time(dir: std::os::fd::BorrowedFd<'_>, name: &OsStr, mtime: i64) -> io::R
 
 /// Removes whatever `name` is (a directory with everything below it), if anything.
 fn remove_any(dir: std::os::fd::BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
-    let st = match layer::stat_at(dir, name) {
-        Ok(st) => st,
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
-        nix::unistd::unlinkat(dir, name, UnlinkatFlags::NoRemoveDir)?;
-        return Ok(());
+    match crate::workdir::remove_entry(dir, name) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
     }
-    let child = layer::open_dir_at(dir, name)?;
-    let names = crate::upperwalk::sorted_names(&child)?;
-    for n in names {
-        remove_any(layer::borrow(&child), OsStr::from_bytes(&n))?;
-    }
-    nix::unistd::unlinkat(dir, name, UnlinkatFlags::RemoveDir)?;
-    Ok(())
 }
 
 #[cfg(test)]
