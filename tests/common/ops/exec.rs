@@ -90,6 +90,22 @@ fn beneath() -> ResolveFlag {
     ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS
 }
 
+/// `openat2`, tried again when a scoped lookup fails only because something somewhere renamed
+/// or mounted during the walk: the kernel then answers EAGAIN (or EXDEV from its final
+/// "still beneath the root" check) and openat2(2) tells the caller to retry. Under CI's load
+/// (other tests mounting and renaming) this happens on either side of the comparison, so
+/// without the retry a differential test would report a difference neither overlay made. A
+/// real escape (an absolute symlink) answers EXDEV every time and is returned as such.
+fn openat2_scoped(root: &OwnedFd, path: &str, how: OpenHow) -> nix::Result<OwnedFd> {
+    let mut tries = 0;
+    loop {
+        match openat2(root, path, how) {
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EXDEV) if tries < 64 => tries += 1,
+            other => return other,
+        }
+    }
+}
+
 /// `/proc/self/fd/<fd>/<name>`: the name looked up in the directory `fd` (the directory itself
 /// is never re-resolved).
 fn in_dir(fd: &OwnedFd, name: &str) -> PathBuf {
@@ -165,7 +181,8 @@ impl Executor {
         let how = OpenHow::new()
             .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
             .resolve(beneath());
-        let fd = openat2(&self.root_fd, dir, how).map_err(|e| format!("parent: {}", ename(e)))?;
+        let fd =
+            openat2_scoped(&self.root_fd, dir, how).map_err(|e| format!("parent: {}", ename(e)))?;
         Ok((fd, name))
     }
 
@@ -175,7 +192,7 @@ impl Executor {
             .flags(OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
             .resolve(beneath());
         let p = if path.is_empty() { "." } else { path };
-        openat2(&self.root_fd, p, how).map_err(|e| format!("lookup: {}", ename(e)))
+        openat2_scoped(&self.root_fd, p, how).map_err(|e| format!("lookup: {}", ename(e)))
     }
 
     fn open(&self, path: &str, flags: OFlag, mode: u32) -> Result<OwnedFd, String> {
@@ -186,7 +203,7 @@ impl Executor {
             how = how.mode(Mode::from_bits_truncate(mode));
         }
         let p = if path.is_empty() { "." } else { path };
-        openat2(&self.root_fd, p, how).map_err(|e| format!("open: {}", ename(e)))
+        openat2_scoped(&self.root_fd, p, how).map_err(|e| format!("open: {}", ename(e)))
     }
 
     fn lstat(&self, path: &str) -> Result<FileStat, String> {
