@@ -5,7 +5,8 @@
 //!   nothing in `<workdir>/work`, and after space is freed the same copy-up succeeds;
 //! - the daemon runs out of file descriptors (started under `prlimit --nofile=64:64`, so it
 //!   cannot raise the limit): callers get a sensible errno (never EIO), the daemon survives, and
-//!   once the callers close their files the mount works again;
+//!   once the callers close their files the mount works again; started with a soft limit
+//!   below the hard one, it raises the soft limit to the hard one;
 //! - lazy unmount (`umount -l`, `fusermount3 -uz`) with files open and requests in flight: the
 //!   open files keep working, and once they are closed the daemon exits 0 and nothing stays
 //!   mounted.
@@ -523,6 +524,72 @@ fn the_daemon_runs_out_of_file_descriptors() {
         problems.is_empty(),
         "nofile 64:\n  {}",
         problems.join("\n  ")
+    );
+}
+
+/// A soft limit below the hard one is raised to the hard one at start-up: the daemon then
+/// serves more open files than the soft limit it was started with would allow.
+#[test]
+fn the_open_file_limit_is_raised_at_start_up() {
+    if !require_root_and_fuse() {
+        return;
+    }
+    const HELD: usize = 300;
+    let (soft, hard) = nofile_limits(std::process::id());
+    if soft < 2 * HELD as u64 {
+        let me = std::process::id().to_string();
+        let out = run(
+            "prlimit",
+            &[
+                "--pid".as_ref(),
+                me.as_ref(),
+                format!("--nofile={}:{hard}", hard.min(4096)).as_ref(),
+            ],
+        );
+        assert!(out.status.success(), "cannot raise the test's own fd limit");
+    }
+    let scratch = Scratch::new();
+    let lower = Layer::new(scratch.dir("l"));
+    for i in 0..HELD {
+        lower.file(&format!("many/f{i:03}"), format!("lower file {i}\n"));
+    }
+    let (u, w) = (scratch.dir("u"), scratch.dir("w"));
+    let target = scratch.dir("m");
+    let mut args: Vec<OsString> = vec!["--nofile=64:2048".into(), our_bin().into(), "-o".into()];
+    args.push(overlay_options(&[lower.root()], Some((&u, &w)), &[]).into());
+    args.push(target.clone().into());
+    let m = DaemonMount::start(Path::new("prlimit"), &args, &target, false)
+        .unwrap_or_else(|e| panic!("mounting ours under prlimit failed: {e}"));
+    let pid = m.daemon_pid().expect("daemon pid");
+    assert_eq!(
+        nofile_limits(pid.as_raw() as u32),
+        (2048, 2048),
+        "started with 64:2048, the daemon's open file limit (soft, hard) is not raised to 2048"
+    );
+    // More files open at once than 64 descriptors could serve: reads, and writes (copy-ups).
+    let mut held = Vec::new();
+    for i in 0..HELD {
+        let p = m.path().join(format!("many/f{i:03}"));
+        let r = if i % 2 == 0 {
+            File::open(&p)
+        } else {
+            OpenOptions::new().read(true).append(true).open(&p)
+        };
+        match r {
+            Ok(f) => held.push(f),
+            Err(e) => panic!("open #{i} of {HELD} held files failed: {}", ename(&e)),
+        }
+    }
+    for (i, f) in held.iter().enumerate() {
+        let mut b = vec![0u8; 64];
+        let n = f.read_at(&mut b, 0).expect("read a held file");
+        assert_eq!(&b[..n], format!("lower file {i}\n").as_bytes());
+    }
+    drop(held);
+    let ended = m.unmount();
+    assert!(
+        ended.daemon == DaemonExit::Exited(0) && !ended.left_mounted,
+        "unmount: {ended:?}"
     );
 }
 
