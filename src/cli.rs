@@ -106,6 +106,10 @@ const OPTION_TABLE: &[(&str, &str)] = &[
     ("noxattrs=0|1",          "1 refuses every xattr call with EOPNOTSUPP"),
     ("fsync=0|1",             "0 skips fsync and copy-up syncs (for throwaway uppers)"),
     ("redirect_dir=on|follow|off|nofollow", "on: renaming a lower or merged directory writes a redirect\n(as the kernel) instead of failing with EXDEV; follow, off (default):\nredirects are followed, not written; nofollow: not followed"),
+    ("metacopy=on|off",       "on: chmod, chown, utimes, xattr changes, link and rename of a\n\
+                               lower file copy up its metadata only (the kernel's metacopy\n\
+                               format); its data follows on the first write. Implies\n\
+                               redirect_dir=on. off (default): metacopy files are refused (EPERM)"),
     ("log_file=PATH",         "once detached, append the log to PATH instead of syslog"),
 ];
 

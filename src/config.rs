@@ -48,7 +48,6 @@ pub const NOT_IMPLEMENTED_OPTIONS: &[&str] = &[
     "ino32_t",
     "xino",
     "index",
-    "metacopy",
     "volatile",
     "uuid",
     "nfs_export",
@@ -59,7 +58,6 @@ pub const NOT_IMPLEMENTED_OPTIONS: &[&str] = &[
 /// metacopy and do no xattr permission mapping.
 const ALREADY_SO: &[(&str, &str)] = &[
     ("index", "off"),
-    ("metacopy", "off"),
     ("nfs_export", "off"),
     ("xino", "off"),
     ("xattr_permissions", "0"),
@@ -80,6 +78,16 @@ pub enum RedirectDir {
 }
 
 impl RedirectDir {
+    /// The option's value as written.
+    pub fn name(self) -> &'static str {
+        match self {
+            RedirectDir::On => "on",
+            RedirectDir::Follow => "follow",
+            RedirectDir::Off => "off",
+            RedirectDir::NoFollow => "nofollow",
+        }
+    }
+
     pub fn creates(self) -> bool {
         self == RedirectDir::On
     }
@@ -146,7 +154,12 @@ pub struct Config {
     /// fsync reaches the upper (`fsync=0` makes it a no-op, for throwaway uppers).
     pub fsync: bool,
     /// `redirect_dir=`: the kernel module's default, `off` (redirects followed, not written).
+    /// Read it through [`Config::redirect_mode`], which accounts for `metacopy=on`.
     pub redirect_dir: RedirectDir,
+    /// Whether `redirect_dir=` was given (`metacopy=on` turns it on only when it was not).
+    pub redirect_dir_given: bool,
+    /// `metacopy=on`: metadata changes copy up no data, and metacopy files are followed.
+    pub metacopy: bool,
     /// `log_file=PATH`: once detached, log there instead of syslog.
     pub log_file: Option<PathBuf>,
     /// One line per accepted-but-not-implemented option, for main to log.
@@ -205,7 +218,22 @@ impl Config {
             fsync: true,
             log_file: None,
             redirect_dir: RedirectDir::Off,
+            redirect_dir_given: false,
+            metacopy: false,
             warnings: Vec::new(),
+        }
+    }
+
+    /// The redirect mode in force: `metacopy=on` without `redirect_dir=` means `on` with an
+    /// upper and `follow` without, as in the kernel.
+    pub fn redirect_mode(&self) -> RedirectDir {
+        match (
+            self.metacopy && !self.redirect_dir_given,
+            self.upperdir.is_some(),
+        ) {
+            (true, true) => RedirectDir::On,
+            (true, false) => RedirectDir::Follow,
+            (false, _) => self.redirect_dir,
         }
     }
 
@@ -234,6 +262,25 @@ impl Config {
                  -o lowerdir=DIR[:DIR...]"
                     .to_owned(),
             );
+        }
+        if self.metacopy && self.redirect_dir_given {
+            // The kernel's rule: metacopy files are found through redirects once renamed.
+            let conflicts = match self.redirect_dir {
+                RedirectDir::On => false,
+                RedirectDir::Follow => self.upperdir.is_some(),
+                RedirectDir::Off | RedirectDir::NoFollow => true,
+            };
+            if conflicts {
+                return err(format!(
+                    "conflicting options: metacopy=on needs redirect_dir=on{}, not redirect_dir={}",
+                    if self.upperdir.is_some() {
+                        ""
+                    } else {
+                        " or follow"
+                    },
+                    self.redirect_dir.name()
+                ));
+            }
         }
         if self.caps.any() && self.upperdir.is_none() {
             return err("'upper_limit' and 'upper_inodes' need 'upperdir'".to_owned());
@@ -372,7 +419,11 @@ fn apply_option(key: &str, value: Option<&str>, cfg: &mut Config) -> Result<(), 
         "squash_to_gid" => cfg.squash_to_gid = Some(parse_id(key, required(key, value)?)?),
         "noxattrs" => cfg.xattrs = !parse_switch(key, required(key, value)?)?,
         "fsync" => cfg.fsync = parse_switch(key, required(key, value)?)?,
-        "redirect_dir" => cfg.redirect_dir = parse_redirect_dir(required(key, value)?)?,
+        "redirect_dir" => {
+            cfg.redirect_dir = parse_redirect_dir(required(key, value)?)?;
+            cfg.redirect_dir_given = true;
+        }
+        "metacopy" => cfg.metacopy = parse_on_off(key, required(key, value)?)?,
         "log_file" => cfg.log_file = Some(PathBuf::from(unescape(required(key, value)?))),
         "upper_limit" => cfg.caps.bytes = Some(parse_size(key, required(key, value)?)?),
         "upper_inodes" => cfg.caps.inodes = Some(parse_count(key, required(key, value)?)?),
@@ -516,6 +567,15 @@ fn parse_id(key: &str, value: &str) -> Result<u32, ConfigError> {
 }
 
 /// fuse-overlayfs's on/off values: `1` or `0`.
+/// A kernel option's `on`/`off`.
+fn parse_on_off(key: &str, value: &str) -> Result<bool, ConfigError> {
+    match value {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => err(format!("option '{key}' needs on or off, not '{value}'")),
+    }
+}
+
 fn parse_switch(key: &str, value: &str) -> Result<bool, ConfigError> {
     match value {
         "1" | "true" | "yes" | "on" => Ok(true),

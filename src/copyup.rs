@@ -19,7 +19,7 @@ use tracing::debug;
 
 use crate::layer::{self, LayerId, XattrTarget};
 use crate::lookup;
-use crate::node::{Backing, DirLayer, Node, fd_of};
+use crate::node::{Backing, DirLayer, LowerData, Node, fd_of};
 use crate::overlay::{Location, Overlay, errno};
 use crate::sys;
 use crate::workdir::WorkDir;
@@ -34,6 +34,10 @@ pub enum CopyData {
     All,
     /// Everything but a regular file's data (the caller truncates it to 0 anyway).
     MetadataOnly,
+    /// A metadata change: under `metacopy=on` a regular file's copy gets its metadata and
+    /// size but no data (a metacopy file, read from the lower until its data is copied up);
+    /// anything else, or without `metacopy=on`, is copied whole.
+    Metacopy,
 }
 
 impl Overlay {
@@ -64,6 +68,9 @@ impl Overlay {
         let work = self.work()?;
         let _serialized = node.copy_up_lock.lock();
         if self.in_upper(node) {
+            if data != CopyData::Metacopy && node.state().backing.lower_data().is_some() {
+                return self.copy_up_data(node, data);
+            }
             return Ok(());
         }
         let (parent, name) = {
@@ -74,11 +81,26 @@ impl Overlay {
         let parent_upper = self.upper_dir(&parent)?;
         let (loc, lower) = self.locate(node)?;
         let st = loc.stat()?;
+        let data = match data {
+            CopyData::Metacopy
+                if self.stack.metacopy && st.st_mode & libc::S_IFMT == libc::S_IFREG =>
+            {
+                CopyData::Metacopy
+            }
+            CopyData::Metacopy => CopyData::All,
+            other => other,
+        };
+        // A metacopy file keeps reading the data its lower copy shows (itself, or the data a
+        // lower metacopy file leads to).
+        let lower_data = match data {
+            CopyData::Metacopy => Some(self.lower_data_of(node, &parent, &name, lower)?),
+            _ => None,
+        };
         // Checked before anything is written: a copy that would not fit leaves no trace.
         let _changing = self.quota.get().map(|q| q.changing());
         let data_bytes = match data {
             CopyData::All => st.st_blocks as u64 * 512,
-            CopyData::MetadataOnly => 0,
+            CopyData::MetadataOnly | CopyData::Metacopy => 0,
         };
         let dir_bytes = if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
             4096
@@ -103,6 +125,7 @@ impl Overlay {
                 lower,
                 &st,
                 data,
+                lower_data,
             )
         });
         if copied.is_ok() && st.st_mode & libc::S_IFMT == libc::S_IFREG {
@@ -124,9 +147,15 @@ impl Overlay {
         lower: LayerId,
         st: &FileStat,
         data: CopyData,
+        lower_data: Option<Arc<LowerData>>,
     ) -> io::Result<()> {
         let tmp = work.temp_name();
-        let has_origin = match self.build_copy(work, &tmp, loc, lower, st, data) {
+        // A lower metacopy file copied up whole: its data is not where its metadata is.
+        let source = match &lower_data {
+            Some(_) => None,
+            None => self.lower_data_location(node)?.map(|(loc, _)| loc),
+        };
+        let has_origin = match self.build_copy(work, &tmp, loc, source.as_ref(), lower, st, data) {
             Ok(has_origin) => has_origin,
             Err(e) => {
                 work.discard(&tmp);
@@ -151,7 +180,10 @@ impl Overlay {
         });
         let mut state = node.state_mut();
         match &mut state.backing {
-            Backing::NonDir { layer } => *layer = UPPER,
+            Backing::NonDir { layer, data } => {
+                *layer = UPPER;
+                *data = lower_data;
+            }
             // A lookup racing with this copy-up may have refreshed the node with the new
             // upper copy already: one directory must not appear twice in its own merge.
             Backing::Dir(layers) if !layers.iter().any(|d| d.layer == UPPER) => {
@@ -209,13 +241,16 @@ impl Overlay {
         Ok(())
     }
 
-    /// Builds the complete copy of the object at `loc` as `tmp` in the work directory; true
-    /// when it carries an origin record.
+    /// Builds the complete copy of the object at `loc` as `tmp` in the work directory, its
+    /// data read from `data_source` when that is elsewhere (a lower metacopy file's data);
+    /// true when it carries an origin record.
+    #[allow(clippy::too_many_arguments)]
     fn build_copy(
         &self,
         work: &WorkDir,
         tmp: &OsStr,
         loc: &Location,
+        data_source: Option<&Location>,
         lower: LayerId,
         st: &FileStat,
         data: CopyData,
@@ -226,16 +261,21 @@ impl Overlay {
             (libc::S_IFDIR, _) => {
                 nix::sys::stat::mkdirat(wd, tmp, Mode::from_bits_truncate(0o700))?;
             }
-            (libc::S_IFREG, Location::Entry(dir, name)) => {
-                let src = File::from(layer::open_at(fd_of(dir), name, OFlag::O_RDONLY, 0)?);
+            (libc::S_IFREG, Location::Entry(..)) => {
                 let dst = File::from(layer::open_at(
                     wd,
                     tmp,
                     OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL,
                     0o600,
                 )?);
-                if data == CopyData::All {
-                    copy_data(&src, &dst, st.st_size as u64)?;
+                match data {
+                    CopyData::All => {
+                        let src = File::from(data_source.unwrap_or(loc).open(OFlag::O_RDONLY)?);
+                        copy_data(&src, &dst, st.st_size as u64)?;
+                    }
+                    // The size the data will have, as a hole (the kernel's metacopy file).
+                    CopyData::Metacopy => dst.set_len(st.st_size as u64)?,
+                    CopyData::MetadataOnly => {}
                 }
                 // The copy must be complete on disk before the rename makes it visible.
                 if self.opts.sync {
@@ -268,6 +308,9 @@ impl Overlay {
         };
         if let Some(origin) = &origin_fd {
             dst.set(&self.stack.names.name("origin"), &origin.encode(), 0)?;
+        }
+        if data == CopyData::Metacopy {
+            dst.set(&self.stack.names.name("metacopy"), b"", 0)?;
         }
         set_owner_mode_times(wd, tmp, st)?;
         Ok(origin_fd.is_some())

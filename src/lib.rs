@@ -18,6 +18,7 @@ pub mod idmap;
 pub mod layer;
 pub mod logging;
 pub mod lookup;
+pub mod metacopy;
 pub mod node;
 pub mod overlay;
 pub mod passthrough;

@@ -5,12 +5,13 @@
 use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
 
 use nix::sys::stat::FileStat;
 
 use crate::format::{self, DirMarks, Origin};
 use crate::layer::{self, LayerId, XattrTarget};
-use crate::node::{Backing, DirLayer, fd_of};
+use crate::node::{Backing, DirLayer, LowerData, fd_of};
 use crate::stack::Stack;
 
 /// What a name resolves to.
@@ -51,6 +52,8 @@ pub fn resolve(stack: &Stack, parent: &[DirLayer], name: &OsStr) -> io::Result<O
     let mut last_layer: Option<LayerId> = None;
     // An absolute redirect's path went through an opaque directory: nothing below this layer.
     let mut last_layer_to_search = false;
+    // A metacopy file found, whose data the lowers below it hold.
+    let mut metacopy: Option<Resolved> = None;
     loop {
         if last_layer_to_search {
             break;
@@ -103,23 +106,60 @@ pub fn resolve(stack: &Stack, parent: &[DirLayer], name: &OsStr) -> io::Result<O
         if is_whiteout(stack, &dl, name, &st) {
             break;
         }
+        if let Some(meta) = metacopy.as_mut() {
+            // Below a metacopy file: the first regular file that is not one holds its data.
+            if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                break;
+            }
+            let dir_fd = dl.fd()?;
+            if is_metacopy(stack, dl.layer, XattrTarget::Entry(fd_of(&dir_fd), name))? {
+                if let Some(r) = read_redirect(stack, XattrTarget::Entry(fd_of(&dir_fd), name)) {
+                    seek = seek.redirected(r);
+                }
+                continue;
+            }
+            // The kernel reports the data's blocks: the metacopy file's own are a hole.
+            meta.stat.st_blocks = st.st_blocks;
+            meta.backing = Backing::NonDir {
+                layer: meta.top,
+                data: Some(Arc::new(LowerData {
+                    dir: dl.clone(),
+                    name: name.to_os_string(),
+                })),
+            };
+            return Ok(metacopy);
+        }
         if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
             if top.is_some() {
                 // A non-directory below a directory is hidden by it and ends the merge.
                 break;
             }
+            let dir_fd = dl.fd()?;
+            let entry = XattrTarget::Entry(fd_of(&dir_fd), name);
             let origin = if is_lower {
                 None
             } else {
-                read_origin(stack, XattrTarget::Entry(fd_of(&dl.fd()?), name))
+                read_origin(stack, entry)
             };
-            return Ok(Some(Resolved {
-                backing: Backing::NonDir { layer: dl.layer },
+            let found = Resolved {
+                backing: Backing::non_dir(dl.layer),
                 stat: st,
                 top: dl.layer,
                 origin,
                 merge_origin: None,
-            }));
+            };
+            let last_layer = dl.layer + 1 == stack.layers.len();
+            if st.st_mode & libc::S_IFMT != libc::S_IFREG
+                || last_layer
+                || !is_metacopy(stack, dl.layer, entry)?
+            {
+                return Ok(Some(found));
+            }
+            if let Some(r) = read_redirect(stack, entry) {
+                seek = seek.redirected(r);
+            }
+            metacopy = Some(found);
+            continue;
         }
         let fd = layer::open_dir_at(fd_of(&dl.fd()?), name)?;
         let marks = read_dir_marks(stack, &fd);
@@ -146,6 +186,10 @@ pub fn resolve(stack: &Stack, parent: &[DirLayer], name: &OsStr) -> io::Result<O
             seek = seek.redirected(r);
         }
     }
+    if metacopy.is_some() {
+        tracing::warn!(name = ?name, "metacopy file with no lower data found; lookup fails with EIO");
+        return Err(io::Error::from_raw_os_error(libc::EIO));
+    }
     Ok(top.map(|(stat, top)| Resolved {
         backing: Backing::Dir(dirs),
         stat,
@@ -153,6 +197,23 @@ pub fn resolve(stack: &Stack, parent: &[DirLayer], name: &OsStr) -> io::Result<O
         origin,
         merge_origin,
     }))
+}
+
+/// Whether the regular file `entry` in `layer` is a metacopy file: metadata only, its data in
+/// a lower layer. Refused (EPERM) where metacopy is off, as the kernel refuses to follow one
+/// then: an upper crafted by someone else must not reach lower files its owner could not.
+fn is_metacopy(stack: &Stack, layer: LayerId, entry: XattrTarget<'_>) -> io::Result<bool> {
+    match entry.get_opt(&stack.names.name("metacopy")) {
+        Ok(Some(_)) if stack.metacopy => Ok(true),
+        Ok(Some(_)) => {
+            tracing::warn!(
+                layer,
+                "refusing to follow a metacopy file: mount with metacopy=on"
+            );
+            Err(io::Error::from_raw_os_error(libc::EPERM))
+        }
+        _ => Ok(false),
+    }
 }
 
 /// Where the lower layers are searched next.

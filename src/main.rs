@@ -55,11 +55,12 @@ fn open_overlay(cfg: &Config) -> anyhow::Result<Overlay> {
     };
     let mut stack = Stack::open(cfg.upperdir.as_deref(), &cfg.lowerdirs, work, names)
         .context("cannot open the layers")?;
-    stack.follow_redirects = cfg.redirect_dir.follows();
+    stack.follow_redirects = cfg.redirect_mode().follows();
+    stack.metacopy = cfg.metacopy;
     let opts = OverlayOptions {
         read_only: cfg.read_only || cfg.upperdir.is_none(),
         sync: cfg.fsync,
-        create_redirects: cfg.redirect_dir.creates(),
+        create_redirects: cfg.redirect_mode().creates(),
         caps: cfg.caps,
     };
     Overlay::new(stack, opts).context("cannot open the layers")

@@ -83,8 +83,35 @@ pub enum Backing {
     /// A directory: its copy in each layer that contributes to the merge, top-down (the upper
     /// first when it has one). The list ends at the first opaque copy.
     Dir(Vec<DirLayer>),
-    /// Anything else: the top-most layer that holds it.
-    NonDir { layer: LayerId },
+    /// Anything else: the top-most layer that holds it, and for a metacopy file (metadata
+    /// copied up, data not yet) the lower file whose data it shows.
+    NonDir {
+        layer: LayerId,
+        data: Option<Arc<LowerData>>,
+    },
+}
+
+impl Backing {
+    /// A non-directory whose data lives where it does.
+    pub fn non_dir(layer: LayerId) -> Backing {
+        Backing::NonDir { layer, data: None }
+    }
+
+    /// The lower file a metacopy file's data comes from.
+    pub fn lower_data(&self) -> Option<&Arc<LowerData>> {
+        match self {
+            Backing::NonDir { data, .. } => data.as_ref(),
+            Backing::Dir(_) => None,
+        }
+    }
+}
+
+/// Where a metacopy file's data lives: the regular file `name` in a lower layer's copy of a
+/// directory (its own parent's, or the one its redirect names).
+#[derive(Debug)]
+pub struct LowerData {
+    pub dir: DirLayer,
+    pub name: OsString,
 }
 
 /// One name under which the kernel looked the object up.
@@ -191,7 +218,7 @@ impl NodeState {
     pub fn top_layer(&self) -> Option<LayerId> {
         match &self.backing {
             Backing::Dir(layers) => layers.first().map(|d| d.layer),
-            Backing::NonDir { layer } => Some(*layer),
+            Backing::NonDir { layer, .. } => Some(*layer),
         }
     }
 
@@ -400,7 +427,7 @@ mod tests {
     use super::*;
 
     fn file_in(layer: LayerId) -> NodeState {
-        NodeState::new(Backing::NonDir { layer }, libc::S_IFREG)
+        NodeState::new(Backing::non_dir(layer), libc::S_IFREG)
     }
 
     #[test]
@@ -415,7 +442,7 @@ mod tests {
         let stale_since = backing_changes();
         {
             let mut st = node.state_mut();
-            st.backing = Backing::NonDir { layer: 0 };
+            st.backing = Backing::non_dir(0);
             node.backing_changed(&mut st);
         }
         let (again, kept) = table.remember(Node::new(7, file_in(1)), &root, name, stale_since);

@@ -178,7 +178,7 @@ impl Overlay {
                 let top = layers.first().ok_or_else(|| errno(libc::ESTALE))?;
                 Ok((Location::Dir(top.fd()?), top.layer))
             }
-            Backing::NonDir { layer } => {
+            Backing::NonDir { layer, .. } => {
                 let upper = self.stack.is_upper(*layer);
                 if st.aliases.is_empty() && upper {
                     // Its old name in the upper may hold something else by now (a whiteout,
@@ -271,8 +271,10 @@ impl Overlay {
 
     /// The attributes reported for `node` given the `lstat` of its top-most copy.
     pub(crate) fn attr_of(&self, node: &Node, st: &FileStat) -> Attr {
+        let mut st = *st;
+        self.with_data_blocks(node, &mut st);
         let state = node.state();
-        let mut attr = Attr::from_stat(st, node.ino, state.is_merged_dir());
+        let mut attr = Attr::from_stat(&st, node.ino, state.is_merged_dir());
         attr.nlink += state.pending_links;
         attr
     }
@@ -389,7 +391,7 @@ impl Overlay {
         name: &OsStr,
         r: &Resolved,
     ) -> Option<Resolved> {
-        let Backing::NonDir { layer } = r.backing else {
+        let Backing::NonDir { layer, .. } = r.backing else {
             return None;
         };
         if self.stack.is_upper(layer) || r.stat.st_nlink < 2 {
@@ -468,8 +470,12 @@ impl Overlay {
             && let Ok(handle) = self.handles.get(ino, fh)
             && let Handle::File { .. } = &*handle
         {
-            let st = handle.with_current(|file, _| Ok(nix::sys::stat::fstat(file)?))?;
-            return Ok(self.attr_of(&node, &st));
+            let (st, on_upper) = handle
+                .with_current(|file, in_upper| Ok((nix::sys::stat::fstat(file)?, in_upper)))?;
+            // A metacopy file's handle reads the lower data; its metadata is the upper's.
+            if on_upper || !self.in_upper(&node) {
+                return Ok(self.attr_of(&node, &st));
+            }
         }
         let removed = node.state().aliases.is_empty() && node.ino != ROOT_INO;
         if removed && let Some(file) = self.handles.any_file_of(ino, false) {
@@ -532,11 +538,11 @@ impl Overlay {
         if wants_write(flags) {
             return self.open_for_write_counted(&node, flags, caller);
         }
-        let (loc, layer) = self.locate(&node)?;
+        let (loc, layer) = self.locate_data(&node)?;
         let fd = self.open_object(&node, &loc, open_passthrough_flags(flags))?;
         let in_upper = self.stack.is_upper(layer);
         let fh = self.insert_file(ino, File::from(fd), in_upper);
-        if !in_upper && self.in_upper(&node) {
+        if !in_upper && self.has_upper_data(&node) {
             // Copied up since we found the lower file: a copy-up that ended before the handle
             // was listed could not move it.
             self.follow_copy_up(&node);
@@ -592,7 +598,7 @@ impl Overlay {
     /// as a setattr after opening the file read-only, in the lower layer).
     pub(crate) fn follow_copy_up(&self, node: &Node) {
         let handles = self.handles.lower_files_of(node.ino);
-        if handles.is_empty() {
+        if handles.is_empty() || !self.has_upper_data(node) {
             return;
         }
         let loc = match self.locate(node) {

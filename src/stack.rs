@@ -28,6 +28,9 @@ pub struct Stack {
     uuids: Vec<Option<[u8; 16]>>,
     /// Directory redirects are followed on lookup (all but `redirect_dir=nofollow`).
     pub follow_redirects: bool,
+    /// `metacopy=on`: metacopy files are followed to their lower data (else refused with
+    /// EPERM, as the kernel), and metadata changes to lower files copy up no data.
+    pub metacopy: bool,
 }
 
 impl Stack {
@@ -78,6 +81,7 @@ impl Stack {
             xino_shift,
             work,
             follow_redirects: true,
+            metacopy: false,
         })
     }
 

@@ -380,7 +380,7 @@ impl Overlay {
         if self.resolve_child(&np, newname)?.is_some() {
             return Err(errno(libc::EEXIST));
         }
-        self.copy_up(&node, CopyData::All)?;
+        self.copy_up(&node, CopyData::Metacopy)?;
         let new_upper = self.upper_dir(&np)?;
         let (old_dir, old_name) = match self.locate(&node)? {
             (Location::Entry(dir, name), _) => (dir, name),
@@ -388,6 +388,13 @@ impl Overlay {
             (Location::Kept(_), _) => return Err(errno(libc::ENOENT)),
             (Location::Dir(_), _) => return Err(errno(libc::EPERM)),
         };
+        if node.state().backing.lower_data().is_some() {
+            // The new name has no lower data under it: both names find it by absolute path.
+            let parent = node.state().primary_alias().map(|a| a.parent.clone());
+            let parent = parent.ok_or_else(|| errno(libc::ENOENT))?;
+            let target = XattrTarget::Entry(fd_of(&old_dir), &old_name);
+            self.set_redirect(&node, target, &parent, &old_name, false)?;
+        }
         let link = |dir: BorrowedFd<'_>, name: &OsStr| -> io::Result<()> {
             Ok(nix::unistd::linkat(
                 fd_of(&old_dir),
@@ -604,12 +611,12 @@ impl Overlay {
             if layers.iter().any(|d| !self.stack.is_upper(d.layer)))
     }
 
-    /// Before a directory moves from `from/name` (its upper entry `dir/name`) into `into`, as
-    /// the kernel: one with lower content records where that content lives (a redirect); one
-    /// without, moving into a merged directory, becomes opaque unless it is already. Anything
-    /// but a directory is left alone.
+    /// Before an object moves from `from/name` (its upper entry `dir/name`) into `into`, as
+    /// the kernel: a directory with lower content, or a metacopy file, records where that
+    /// content lives (a redirect); a directory without, moving into a merged directory,
+    /// becomes opaque unless it is already. Anything else is left alone.
     #[allow(clippy::too_many_arguments)]
-    fn prepare_moving_dir(
+    fn prepare_moving(
         &self,
         r: &Resolved,
         node: Option<&Arc<Node>>,
@@ -619,12 +626,18 @@ impl Overlay {
         into: &Node,
         samedir: bool,
     ) -> io::Result<()> {
+        let target = XattrTarget::Entry(dir, name);
         if !matches!(r.backing, Backing::Dir(_)) {
+            if let Some(node) = node
+                && node.state().backing.lower_data().is_some()
+            {
+                return self.set_redirect(node, target, from, name, samedir);
+            }
             return Ok(());
         }
         if self.has_lower_content(r) {
             let node = node.ok_or_else(|| errno(libc::ESTALE))?;
-            return self.set_redirect(node, from, name, samedir);
+            return self.set_redirect(node, target, from, name, samedir);
         }
         if !is_opaque_dir(r) && into.state().is_merged_dir() {
             XattrTarget::Entry(dir, name).set(&self.stack.names.name("opaque"), b"y", 0)?;
@@ -635,21 +648,22 @@ impl Overlay {
         Ok(())
     }
 
-    /// Records on the (copied-up) directory `node`, about to move away from `parent/name`,
-    /// where its lower content lives, as the kernel's `ovl_set_redirect`: its old name when it
-    /// stays in the same directory, else its absolute path. A redirect it has already is kept
-    /// when it still holds (same directory, or absolute). Fails with EXDEV, so that `mv`
-    /// copies instead, when the redirect cannot be written.
+    /// Records on the copied-up `node` (a directory, or a metacopy file), whose upper entry
+    /// is `upper`, about to move away from `parent/name`, where its lower content lives, as
+    /// the kernel's `ovl_set_redirect`: its old name when it stays in the same directory, else
+    /// its absolute path. A redirect it has already is kept when it still holds (same
+    /// directory, or absolute). Fails with EXDEV, so that `mv` copies instead, when the
+    /// redirect cannot be written.
     fn set_redirect(
         &self,
         node: &Arc<Node>,
+        upper: XattrTarget<'_>,
         parent: &Arc<Node>,
         name: &OsStr,
         samedir: bool,
     ) -> io::Result<()> {
-        let upper = node.dir_fd(UPPER)?.ok_or_else(|| errno(libc::EIO))?;
         let key = self.stack.names.name("redirect");
-        let own = self.upper_redirect(node);
+        let own = upper.get_opt(&key).ok().flatten();
         if let Some(r) = &own
             && (samedir || r.starts_with(b"/"))
         {
@@ -663,8 +677,8 @@ impl Overlay {
         if value.len() > REDIRECT_MAX {
             return Err(errno(libc::EXDEV));
         }
-        if let Err(e) = XattrTarget::Dir(fd_of(&upper)).set(&key, &value, 0) {
-            tracing::warn!(error = %e, "cannot write a directory redirect; the rename falls back to EXDEV");
+        if let Err(e) = upper.set(&key, &value, 0) {
+            tracing::warn!(error = %e, "cannot write a redirect; the rename falls back to EXDEV");
             return Err(errno(libc::EXDEV));
         }
         self.attrs_changed(node.ino);
@@ -768,7 +782,7 @@ impl Overlay {
             }
         }
         let src_node = self.nodes.get(src_ino).ok_or_else(|| errno(libc::ESTALE))?;
-        self.copy_up(&src_node, CopyData::All)?;
+        self.copy_up(&src_node, CopyData::Metacopy)?;
         let dst_node = match &dst {
             Some(d) => self.nodes.get(self.ino_of(d)),
             None => None,
@@ -779,16 +793,16 @@ impl Overlay {
         };
         let src_others = self.other_nodes_named(op.ino, oldname, &src);
         if exchange && let Some(d) = &dst_node {
-            self.copy_up(d, CopyData::All)?;
+            self.copy_up(d, CopyData::Metacopy)?;
         }
         let old_upper = self.upper_dir(&op)?;
         let new_upper = self.upper_dir(&np)?;
         let (od, nd) = (fd_of(&old_upper), fd_of(&new_upper));
         let old_needs_whiteout = !exchange && self.lowers_have(&op, oldname)?;
         let samedir = op.ino == np.ino;
-        self.prepare_moving_dir(&src, Some(&src_node), &op, oldname, od, &np, samedir)?;
+        self.prepare_moving(&src, Some(&src_node), &op, oldname, od, &np, samedir)?;
         if exchange && let Some(d) = &dst {
-            self.prepare_moving_dir(d, dst_node.as_ref(), &np, newname, nd, &op, samedir)?;
+            self.prepare_moving(d, dst_node.as_ref(), &np, newname, nd, &op, samedir)?;
         }
         if !exchange && let Some(d) = &dst {
             let gone: Vec<&Arc<Node>> = dst_node.iter().chain(&dst_others).collect();
@@ -922,10 +936,10 @@ impl Overlay {
             // Unlinked while open: only its open files reach it.
             return self.setattr_open_file(&node, &file, set);
         }
-        let data = if set.size == Some(0) {
-            CopyData::MetadataOnly
-        } else {
-            CopyData::All
+        let data = match set.size {
+            Some(0) => CopyData::MetadataOnly,
+            Some(_) => CopyData::All,
+            None => CopyData::Metacopy,
         };
         self.copy_up(&node, data)?;
         let (loc, _) = self.locate(&node)?;
@@ -1190,7 +1204,7 @@ impl Overlay {
             .ok_or_else(|| errno(libc::EPERM))?;
         self.work()?;
         let node = self.node(ino)?;
-        self.copy_up(&node, CopyData::All)?;
+        self.copy_up(&node, CopyData::Metacopy)?;
         let (loc, _) = self.locate(&node)?;
         loc.xattr_target().set(&stored, value, flags)
     }
@@ -1214,7 +1228,7 @@ impl Overlay {
             let (loc, _) = self.locate(&node)?;
             loc.xattr_target().get(&stored)?;
         }
-        self.copy_up(&node, CopyData::All)?;
+        self.copy_up(&node, CopyData::Metacopy)?;
         let (loc, _) = self.locate(&node)?;
         loc.xattr_target().remove(&stored)
     }

@@ -5,62 +5,13 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::MetadataExt;
-use std::path::Path;
 
+use common::contents::{file_bytes, tree};
 use common::{Layer, Scratch, mount_kernel, mount_ours};
 
 const DIRS: usize = 100;
 const FILES_PER_DIR: usize = 100;
-
-/// Every entry under `root` as `relative path -> (kind, content or target)`.
-fn tree(root: &Path) -> BTreeMap<String, (char, Vec<u8>)> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in fs::read_dir(&dir).unwrap_or_else(|e| panic!("list {}: {e}", dir.display())) {
-            let entry = entry.expect("entry");
-            let path = entry.path();
-            let rel = path
-                .strip_prefix(root)
-                .expect("under root")
-                .to_string_lossy()
-                .into_owned();
-            let meta = fs::symlink_metadata(&path).expect("lstat");
-            let value = if meta.is_dir() {
-                stack.push(path.clone());
-                ('d', Vec::new())
-            } else if meta.file_type().is_symlink() {
-                let target = fs::read_link(&path).expect("readlink");
-                ('l', target.to_string_lossy().into_owned().into_bytes())
-            } else {
-                ('f', fs::read(&path).expect("read"))
-            };
-            out.insert(rel, value);
-        }
-    }
-    out
-}
-
-/// Bytes of regular-file data in `dir` (recursively): what a copy-up would have written.
-fn file_bytes(dir: &Path) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in fs::read_dir(&d).expect("list upper") {
-            let entry = entry.expect("entry");
-            let meta = fs::symlink_metadata(entry.path()).expect("lstat upper");
-            if meta.is_dir() {
-                stack.push(entry.path());
-            } else if meta.is_file() {
-                total += meta.size();
-            }
-        }
-    }
-    total
-}
 
 #[test]
 fn moving_a_deep_lower_tree_copies_nothing() {
@@ -97,7 +48,11 @@ fn moving_a_deep_lower_tree_copies_nothing() {
             "through the mount"
         );
     }
-    assert_eq!(file_bytes(&u), 0, "no file data may be copied to the upper");
+    assert_eq!(
+        file_bytes(&u).0,
+        0,
+        "no file data may be copied to the upper"
+    );
     {
         let m = mount_ours(&[lower.root()], Some((&u, &w)), &["redirect_dir=on"]);
         assert_eq!(

@@ -234,6 +234,20 @@ fn redirect_dir_on_matches_kernel() {
     });
 }
 
+/// Metadata-only copy-up (`metacopy=on`, which brings `redirect_dir=on`) on both sides: a
+/// chmod, chown, utimes, xattr change, link or rename of a lower file copies up its metadata
+/// only (an upper `overlay.metacopy` file, renamed ones with a redirect to their data); reads
+/// still come from the lower; a write, an append or a truncate copies the data up. The upper
+/// directories are compared too, so every metacopy mark and redirect must be the kernel's.
+const METACOPY_KERNEL_OPTS: &[&str] = &["redirect_dir=on", "index=off", "metacopy=on"];
+
+#[test]
+fn metacopy_on_matches_kernel() {
+    ops::with_options(METACOPY_KERNEL_OPTS, &["metacopy=on"], || {
+        run_seeds("metacopy_on_matches_kernel", 7800, 10, None, Impl::Ours);
+    });
+}
+
 /// A capped mount measures every change it makes to the upper (`upper_limit=`): the
 /// measuring must not change what any operation does. A cap far above what the runs write.
 #[test]

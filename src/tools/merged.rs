@@ -21,7 +21,9 @@ pub struct MergedView {
 impl MergedView {
     /// The merged view of `upper` (if any) over `lowers`, top-down.
     pub fn open(upper: Option<&Path>, lowers: &[PathBuf], names: XattrNames) -> io::Result<Self> {
-        let stack = Stack::open(upper, lowers, None, names)?;
+        let mut stack = Stack::open(upper, lowers, None, names)?;
+        // The tools read whatever an upper holds, metacopy files included.
+        stack.metacopy = true;
         let opts = OverlayOptions {
             read_only: true,
             ..OverlayOptions::default()

@@ -6,6 +6,7 @@
 //! Every test binary compiles this module and uses a different part of it.
 #![allow(dead_code, unused_imports)]
 
+pub mod contents;
 pub mod layers;
 pub mod mountinfo;
 pub mod mounts;
