@@ -269,9 +269,14 @@ impl Overlay {
         rdev: u64,
         caller: &Caller,
     ) -> io::Result<Attr> {
+        let kind = mode & libc::S_IFMT;
+        if kind == libc::S_IFCHR && rdev == 0 {
+            // A character device 0/0 is a whiteout in the upper: a caller making one would
+            // hide or forge content. The kernel's overlay refuses it the same way.
+            return Err(errno(libc::EPERM));
+        }
         let parent = self.node(parent)?;
         let perm = self.new_mode(&parent, mode, umask)?;
-        let kind = mode & libc::S_IFMT;
         self.create_object(&parent, name, caller, false, |dir, n| {
             if kind == libc::S_IFREG || kind == 0 {
                 layer::open_at(

@@ -268,8 +268,6 @@ fn mknod_whiteout(p: &Path) -> std::io::Result<()> {
 /// creates nothing; through our mount it must not land in the upper either, where it would
 /// be a whiteout of a name no lower holds (and a deletion in a layer diff).
 #[test]
-#[ignore = "daemon bug: mknod c 0 0 returns EIO and leaves a whiteout device in the upper \
-            (also as uid 65534); the kernel's overlayfs gives EPERM and creates nothing"]
 fn callers_cannot_make_whiteout_devices() {
     if !common::require_root_and_fuse() {
         return;
