@@ -239,6 +239,22 @@ impl NodeState {
         }
     }
 
+    /// Makes `parent/name` the name the object is reached by (the first alias).
+    pub fn promote_alias(&mut self, parent: &Arc<Node>, name: &OsStr) {
+        let pos = self
+            .aliases
+            .iter()
+            .position(|a| a.parent.ino == parent.ino && a.name == name);
+        let alias = match pos {
+            Some(pos) => self.aliases.remove(pos),
+            None => Alias {
+                parent: parent.clone(),
+                name: name.to_os_string(),
+            },
+        };
+        self.aliases.insert(0, alias);
+    }
+
     pub fn remove_alias(&mut self, parent: Ino, name: &OsStr) {
         if let Some(pos) = self
             .aliases
@@ -336,12 +352,16 @@ impl NodeTable {
                 }
                 if existing.backing_stamp.load(Ordering::SeqCst) > resolved_since {
                     kept_own = true;
+                    st.add_alias(parent, name);
                 } else {
                     keep_dir_identities(&st.backing, &mut fresh_state.backing);
                     st.backing = fresh_state.backing;
                     st.file_type = fresh_state.file_type;
+                    // This name was just seen to lead to the object: reach it by this one.
+                    // An older name may have been removed behind our back (the upper changed
+                    // under the mount, its inode number now this new object's).
+                    st.promote_alias(parent, name);
                 }
-                st.add_alias(parent, name);
                 existing.clone()
             }
             None => {

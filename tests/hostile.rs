@@ -1874,8 +1874,6 @@ impl Drop for LoopMount {
 }
 
 #[test]
-#[ignore = "daemon bug: a create whose new upper inode reuses the number of an object removed \
-            behind the mount's back fails ENOENT, yet the file is made in the upper"]
 fn a_create_after_the_upper_lost_an_object_succeeds() {
     if !require_root_and_fuse() {
         return;
