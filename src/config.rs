@@ -48,8 +48,6 @@ pub const NOT_IMPLEMENTED_OPTIONS: &[&str] = &[
     "ino32_t",
     "xino",
     "index",
-    "volatile",
-    "uuid",
     "nfs_export",
 ];
 
@@ -95,6 +93,22 @@ impl RedirectDir {
     pub fn follows(self) -> bool {
         self != RedirectDir::NoFollow
     }
+}
+
+/// The kernel's `uuid=`: whether the overlay has a persistent UUID of its own (the `uuid` xattr
+/// on the upper root) and whether origin records carry the lower filesystem's UUID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UuidMode {
+    /// Give the upper a UUID if it has none.
+    On,
+    /// Write none; origin records carry a null UUID, so a copied disk whose filesystem UUID
+    /// changed still finds them (the kernel allows it only on a single-filesystem stack).
+    Off,
+    /// Write none; origin records carry the lower filesystem's UUID.
+    Null,
+    /// `On` for a new upper, `Null` for one used before without a UUID (the default).
+    #[default]
+    Auto,
 }
 
 /// Everything a mount needs to know, as given on the command line.
@@ -160,6 +174,11 @@ pub struct Config {
     pub redirect_dir_given: bool,
     /// `metacopy=on`: metadata changes copy up no data, and metacopy files are followed.
     pub metacopy: bool,
+    /// The kernel's `volatile`: no sync reaches the upper, and the workdir carries the kernel's
+    /// marker (`work/incompat/volatile`) so that a later mount is refused until it is removed.
+    pub volatile: bool,
+    /// `uuid=`: the kernel's default is `auto`.
+    pub uuid: UuidMode,
     /// `log_file=PATH`: once detached, log there instead of syslog.
     pub log_file: Option<PathBuf>,
     /// One line per accepted-but-not-implemented option, for main to log.
@@ -220,6 +239,8 @@ impl Config {
             redirect_dir: RedirectDir::Off,
             redirect_dir_given: false,
             metacopy: false,
+            volatile: false,
+            uuid: UuidMode::Auto,
             warnings: Vec::new(),
         }
     }
@@ -424,6 +445,7 @@ fn apply_option(key: &str, value: Option<&str>, cfg: &mut Config) -> Result<(), 
             cfg.redirect_dir_given = true;
         }
         "metacopy" => cfg.metacopy = parse_on_off(key, required(key, value)?)?,
+        "uuid" => cfg.uuid = parse_uuid(value.unwrap_or(""))?,
         "log_file" => cfg.log_file = Some(PathBuf::from(unescape(required(key, value)?))),
         "upper_limit" => cfg.caps.bytes = Some(parse_size(key, required(key, value)?)?),
         "upper_inodes" => cfg.caps.inodes = Some(parse_count(key, required(key, value)?)?),
@@ -476,6 +498,7 @@ fn flag_setter(key: &str) -> Option<fn(&mut Config)> {
         "squash_to_root" => |c| c.squash_to_root = true,
         "static_nlink" => |c| c.static_nlink = true,
         "noacl" => |c| c.acl = false,
+        "volatile" => |c| c.volatile = true,
         // libfuse treats `-o debug` like `-d`: debugging output is useless once daemonized.
         "debug" => |c| {
             c.debug = true;
@@ -550,6 +573,20 @@ fn parse_redirect_dir(value: &str) -> Result<RedirectDir, ConfigError> {
         _ => {
             return err(format!(
                 "option 'redirect_dir' needs on, follow, off or nofollow, not '{value}'"
+            ));
+        }
+    })
+}
+
+fn parse_uuid(value: &str) -> Result<UuidMode, ConfigError> {
+    Ok(match value {
+        "on" => UuidMode::On,
+        "off" => UuidMode::Off,
+        "null" => UuidMode::Null,
+        "auto" => UuidMode::Auto,
+        _ => {
+            return err(format!(
+                "option 'uuid' needs on, off, null or auto, not '{value}'"
             ));
         }
     })
@@ -781,11 +818,36 @@ mod tests {
             }
         }
         let cfg = parsed(
-            &["uidmapping=0:1000:1:1:100000:65536,volatile,writeback=1"],
+            &["uidmapping=0:1000:1:1:100000:65536,xino=on,writeback=1"],
             false,
         )
         .unwrap();
         assert_eq!(cfg.warnings.len(), 2);
+    }
+
+    #[test]
+    fn volatile_and_uuid() {
+        let cfg = parsed(&["volatile"], false).unwrap();
+        assert!(cfg.volatile && cfg.warnings.is_empty());
+        assert_eq!(cfg.uuid, UuidMode::Auto);
+        for (value, mode) in [
+            ("on", UuidMode::On),
+            ("off", UuidMode::Off),
+            ("null", UuidMode::Null),
+            ("auto", UuidMode::Auto),
+        ] {
+            let cfg = parsed(&[&format!("uuid={value}")], false).unwrap();
+            assert_eq!(cfg.uuid, mode, "{value}");
+        }
+        // The kernel refuses both with "Bad value for 'uuid'".
+        for bad in ["uuid", "uuid=", "uuid=yes"] {
+            let e = parsed(&[bad], false).unwrap_err();
+            assert!(
+                e.0.starts_with("option 'uuid' needs on, off, null or auto"),
+                "{bad}: {e}"
+            );
+        }
+        assert!(parsed(&["volatile=1"], false).is_err());
     }
 
     #[test]

@@ -219,9 +219,13 @@ impl FuseAdapter {
         &self,
         ino: u64,
         fh: u64,
+        flags: i32,
         register: impl FnOnce(&std::fs::File) -> io::Result<fuser::BackingId>,
     ) -> OpenMode {
-        if !self.passthrough.is_enabled() {
+        // Passthrough writes carry the caller's O_SYNC/O_DSYNC to the upper; where syncs are
+        // skipped (volatile, fsync=0) such a file is served by us, who drop those flags.
+        let syncing_writes = flags & libc::O_DSYNC != 0 && !self.overlay.opts().sync;
+        if !self.passthrough.is_enabled() || syncing_writes {
             return OpenMode::Cached;
         }
         self.overlay
@@ -483,7 +487,7 @@ impl Filesystem for FuseAdapter {
             Ok(opened) => opened,
             Err(e) => return reply.error(to_errno("open", &e)),
         };
-        match self.open_mode(ino.0, fh, |file| reply.open_backing(file)) {
+        match self.open_mode(ino.0, fh, flags.0, |file| reply.open_backing(file)) {
             OpenMode::Passthrough(id) => {
                 reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id)
             }
@@ -787,7 +791,7 @@ impl Filesystem for FuseAdapter {
         };
         let fattr = self.file_attr(&attr);
         let (fh, generation) = (FileHandle(fh), Generation(0));
-        match self.open_mode(attr.ino, fh.0, |file| reply.open_backing(file)) {
+        match self.open_mode(attr.ino, fh.0, flags, |file| reply.open_backing(file)) {
             OpenMode::Passthrough(id) => reply.created_passthrough(
                 &self.ttl,
                 &fattr,

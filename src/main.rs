@@ -9,14 +9,14 @@ use anyhow::{Context, bail};
 use tracing::{error, info, warn};
 
 use rsfs_overlay::cli::{self, CliError, Command};
-use rsfs_overlay::config::Config;
+use rsfs_overlay::config::{Config, UuidMode};
 use rsfs_overlay::daemon::{self, StartupPipe};
 use rsfs_overlay::format::XattrNames;
 use rsfs_overlay::fuse::{FuseAdapter, Presentation};
 use rsfs_overlay::overlay::{Overlay, OverlayOptions};
 use rsfs_overlay::stack::Stack;
 use rsfs_overlay::workdir::WorkDir;
-use rsfs_overlay::{demo, dirfd, logging, preflight, privilege, sys, tools};
+use rsfs_overlay::{demo, dirfd, incompat, logging, preflight, privilege, sys, tools};
 
 fn main() -> ExitCode {
     let is_root = nix::unistd::geteuid().is_root();
@@ -57,11 +57,15 @@ fn open_overlay(cfg: &Config) -> anyhow::Result<Overlay> {
         .context("cannot open the layers")?;
     stack.follow_redirects = cfg.redirect_mode().follows();
     stack.metacopy = cfg.metacopy;
+    if cfg.uuid == UuidMode::Off && !stack.use_null_origin_uuids() {
+        warn!("uuid=off needs every layer on one filesystem: using uuid=null, as the kernel does");
+    }
     let opts = OverlayOptions {
         read_only: cfg.read_only || cfg.upperdir.is_none(),
-        sync: cfg.fsync,
+        sync: cfg.fsync && !cfg.volatile,
         create_redirects: cfg.redirect_mode().creates(),
         caps: cfg.caps,
+        uuid: cfg.uuid,
     };
     Overlay::new(stack, opts).context("cannot open the layers")
 }
@@ -80,6 +84,10 @@ fn mount_and_serve(mut cfg: Config) -> anyhow::Result<()> {
     logging::init(cfg.debug);
     for w in &cfg.warnings {
         warn!("{w}");
+    }
+    if cfg.volatile && cfg.upperdir.is_none() {
+        cfg.volatile = false;
+        info!("option 'volatile' means nothing without an upper layer: ignored, as by the kernel");
     }
     if !cfg.userxattr && privilege::lacks_trusted_xattrs() {
         cfg.userxattr = true;
@@ -126,9 +134,28 @@ fn mount_and_serve(mut cfg: Config) -> anyhow::Result<()> {
             None => report_to = Some(pipe.into_writer()),
         }
     }
+    // The marker goes down just before the mount and comes off if the mount fails: nothing was
+    // written through it then, and a marker left behind would refuse the next try.
+    let work = adapter.overlay().stack().work.as_ref().map(|w| w.fd());
+    let volatile_work = work.filter(|_| cfg.volatile);
+    if let Some(work) = volatile_work
+        && let Err(e) = incompat::mark_volatile(work)
+    {
+        let workdir = cfg
+            .workdir
+            .as_ref()
+            .map_or(String::new(), |w| w.display().to_string());
+        let msg = format!("cannot write the 'volatile' marker in workdir '{workdir}': {e}");
+        return fail_startup(report_to, msg);
+    }
     let dev = match daemon::mount_fuse(&cfg) {
         Ok(dev) => dev,
         Err(e) => {
+            if let Some(work) = volatile_work
+                && let Err(e) = incompat::unmark_volatile(work)
+            {
+                warn!(error = %e, "cannot remove the 'volatile' marker of the failed mount");
+            }
             let msg = format!("cannot mount on '{}': {e}", cfg.mountpoint.display());
             return fail_startup(report_to, msg);
         }

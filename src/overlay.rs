@@ -37,6 +37,8 @@ pub struct OverlayOptions {
     pub create_redirects: bool,
     /// `upper_limit=` / `upper_inodes=`: keep counters of the upper and refuse what exceeds.
     pub caps: crate::quota::Caps,
+    /// `uuid=`: whether a new upper gets a persistent UUID.
+    pub uuid: crate::config::UuidMode,
 }
 
 /// Where a node is reached in its top-most layer.
@@ -113,7 +115,7 @@ impl Overlay {
             roots.push(DirLayer::root(l.id, l.root_dir.clone(), marks));
         }
         if !opts.read_only {
-            init_uuid(&stack);
+            crate::uuid::init_upper_uuid(&stack, opts.uuid);
         }
         let quota = OnceLock::new();
         if let Some(upper) = stack.upper()
@@ -229,6 +231,11 @@ impl Overlay {
         loc: &Location,
         flags: OFlag,
     ) -> io::Result<OwnedFd> {
+        let mut flags = flags;
+        if !self.opts.sync {
+            // The kernel's volatile mount drops O_SYNC/O_DSYNC on writes to the upper too.
+            flags.remove(OFlag::O_SYNC | OFlag::O_DSYNC);
+        }
         let is = |r: &io::Result<OwnedFd>, code: i32| matches!(r, Err(e) if e.raw_os_error() == Some(code));
         let mut opened = self.open_checked(node, loc, flags);
         if is(&opened, libc::EXDEV) {
@@ -790,35 +797,6 @@ impl Overlay {
         } else {
             Err(errno(libc::EACCES))
         }
-    }
-}
-
-/// Gives a new upper a persistent overlay UUID (`<prefix>uuid` on its root), as the kernel does
-/// with `uuid=auto` on the first mount of an upper that is not yet marked impure; an older
-/// upper is left as it is.
-fn init_uuid(stack: &Stack) {
-    let Some(upper) = stack.upper() else {
-        return;
-    };
-    let root = XattrTarget::Dir(layer::borrow(&upper.root));
-    let uuid = stack.names.name("uuid");
-    let present = |name: &[u8]| !matches!(root.get_opt(name), Ok(None));
-    if present(&uuid) || present(&stack.names.name("impure")) {
-        return;
-    }
-    let mut bytes = [0u8; 16];
-    if let Err(e) = std::fs::File::open("/dev/urandom").and_then(|mut f| {
-        use std::io::Read;
-        f.read_exact(&mut bytes)
-    }) {
-        tracing::debug!(error = %e, "no randomness for the overlay uuid");
-        return;
-    }
-    // A version 4 (random) UUID, as uuid_gen makes.
-    bytes[6] = (bytes[6] & 0x0f) | 0x40;
-    bytes[8] = (bytes[8] & 0x3f) | 0x80;
-    if let Err(e) = root.set(&uuid, &bytes, 0) {
-        tracing::debug!(error = %e, "cannot record the overlay uuid");
     }
 }
 

@@ -31,6 +31,9 @@ pub struct Stack {
     /// `metacopy=on`: metacopy files are followed to their lower data (else refused with
     /// EPERM, as the kernel), and metadata changes to lower files copy up no data.
     pub metacopy: bool,
+    /// Origin records carry the lower filesystem's UUID: all but `uuid=off` (see
+    /// `use_null_origin_uuids`).
+    origin_uuids: bool,
 }
 
 impl Stack {
@@ -82,6 +85,7 @@ impl Stack {
             work,
             follow_redirects: true,
             metacopy: false,
+            origin_uuids: true,
         })
     }
 
@@ -113,6 +117,26 @@ impl Stack {
         }
     }
 
+    /// `uuid=off`: origin records are written with a null UUID, and only such records are
+    /// followed, so a copy of the disk with a new filesystem UUID keeps its origins. As in the
+    /// kernel, only where every layer shares one filesystem (a null UUID then cannot name the
+    /// wrong one); returns false, changing nothing, on a stack spread over several.
+    pub fn use_null_origin_uuids(&mut self) -> bool {
+        if self.xino_shift.is_some() {
+            return false;
+        }
+        self.origin_uuids = false;
+        true
+    }
+
+    /// The UUID an origin record of an object in layer `id` carries: its filesystem's, or null.
+    fn origin_uuid(&self, id: LayerId) -> [u8; 16] {
+        match self.uuids[id] {
+            Some(uuid) if self.origin_uuids => uuid,
+            _ => [0; 16],
+        }
+    }
+
     /// The origin record for a lower object (its file handle and filesystem UUID), or `None`
     /// where the filesystem cannot make file handles.
     pub fn origin_of(
@@ -124,7 +148,7 @@ impl Stack {
         let (kind, fid) = sys::name_to_handle_at(dir, name).ok()?;
         Some(Origin {
             handle_type: u8::try_from(kind).ok()?,
-            uuid: self.uuids[id].unwrap_or([0; 16]),
+            uuid: self.origin_uuid(id),
             fid,
         })
     }
@@ -137,8 +161,9 @@ impl Stack {
             if tried.contains(&l.dev) {
                 continue;
             }
-            let uuid = self.uuids[l.id].unwrap_or([0; 16]);
-            if origin.uuid != uuid && origin.uuid != [0; 16] {
+            // As the kernel: a record names this filesystem only by its exact UUID (a null
+            // one under `uuid=off`), so a record from another disk or mode is not followed.
+            if origin.uuid != self.origin_uuid(l.id) {
                 continue;
             }
             tried.push(l.dev);

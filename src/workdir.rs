@@ -1,12 +1,13 @@
 //! The work directory: where copy-ups and whiteouts are prepared before one `rename` puts them
 //! in place (`<workdir>/work`, the kernel's name), cleaned of a crashed run's leftovers at
-//! mount, and locked so that a second mount of the same upper/workdir is refused.
+//! mount, and locked so that a second mount of the same upper/workdir is refused. A mount is
+//! refused too while `work/incompat/` holds a marker (see `incompat`), as by the kernel.
 
 use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::dir::Dir;
@@ -14,7 +15,7 @@ use nix::fcntl::{Flock, FlockArg, OFlag};
 use nix::sys::stat::Mode;
 use nix::unistd::UnlinkatFlags;
 
-use crate::layer;
+use crate::{incompat, layer};
 
 const WORK_NAME: &str = "work";
 
@@ -31,6 +32,8 @@ pub struct WorkDir {
 pub enum WorkDirError {
     InUse(String),
     Io(String, io::Error),
+    /// `work/incompat/<name>` is there: the workdir and `name`, the feature it marks.
+    Incompat(PathBuf, OsString),
 }
 
 impl std::fmt::Display for WorkDirError {
@@ -41,6 +44,24 @@ impl std::fmt::Display for WorkDirError {
                 "{what} is already in use by another mount (unmount it first)"
             ),
             WorkDirError::Io(what, e) => write!(f, "{what}: {e}"),
+            WorkDirError::Incompat(workdir, name) => {
+                let marker = workdir.join(WORK_NAME).join(incompat::INCOMPAT).join(name);
+                let (w, m) = (workdir.display(), marker.display());
+                if name == incompat::VOLATILE {
+                    write!(
+                        f,
+                        "workdir '{w}' was used by a 'volatile' mount, so its upper may be \
+                         incomplete if the system crashed since; if it did not, remove '{m}' \
+                         and mount again"
+                    )
+                } else {
+                    write!(
+                        f,
+                        "workdir '{w}' holds '{m}', the mark of an overlay feature this mount \
+                         does not know; remove it only if the upper is known to be intact"
+                    )
+                }
+            }
         }
     }
 }
@@ -77,6 +98,12 @@ impl WorkDir {
         }
         let work = layer::open_dir_at(wd, OsStr::new(WORK_NAME))
             .map_err(|e| io_err("cannot open 'work'", e))?;
+        // Checked before the leftovers are cleaned: a marker is not a leftover.
+        if let Some(name) =
+            incompat::find_marker(work.as_fd()).map_err(|e| io_err("cannot read 'work'", e))?
+        {
+            return Err(WorkDirError::Incompat(workdir.to_path_buf(), name));
+        }
         clear_dir(work.as_fd()).map_err(|e| io_err("cannot clean leftovers of 'work'", e))?;
         Ok(WorkDir {
             work,
