@@ -25,10 +25,11 @@ RSFS_DEPS=(
     busybox:busybox-static      # the static busybox the podman test's image is made of
     newuidmap:uidmap            # podman's user-namespace helpers
     python3:python3             # tests/locks.rs: the second process that asks for locks
+    strace:strace               # tests/options_volatile.rs: no sync reaches the upper
 )
 
 # The packages installed when anything is missing: all of them at once (apt skips those present).
-RSFS_PACKAGES=(fuse3 fuse-overlayfs attr kmod mount gcc podman buildah runc busybox-static uidmap python3)
+RSFS_PACKAGES=(fuse3 fuse-overlayfs attr kmod mount gcc podman buildah runc busybox-static uidmap python3 strace)
 
 # mount.fuse3 and modprobe live in sbin, which a non-root PATH may lack.
 rsfs_path_with_sbin() {

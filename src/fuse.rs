@@ -222,17 +222,19 @@ impl FuseAdapter {
         flags: i32,
         register: impl FnOnce(&std::fs::File) -> io::Result<fuser::BackingId>,
     ) -> OpenMode {
-        // Passthrough writes carry the caller's O_SYNC/O_DSYNC to the upper; where syncs are
-        // skipped (volatile, fsync=0) such a file is served by us, who drop those flags.
-        let syncing_writes = flags & libc::O_DSYNC != 0 && !self.overlay.opts().sync;
-        if !self.passthrough.is_enabled() || syncing_writes {
+        if !self.passthrough.is_enabled() {
             return OpenMode::Cached;
         }
+        // Passthrough writes carry the caller's O_SYNC/O_DSYNC to the upper; where syncs are
+        // skipped (volatile, fsync=0) such an open is served by us, who drop those flags, unless
+        // the file's other opens already pass through (the kernel cannot mix the two).
+        let syncing_writes = flags & libc::O_DSYNC != 0 && !self.overlay.opts().sync;
         self.overlay
             .with_file(ino, fh, |file, in_upper| {
+                let may_pass = in_upper && !syncing_writes;
                 Ok(self
                     .passthrough
-                    .open_mode(ino, fh, in_upper, || register(file)))
+                    .open_mode(ino, fh, may_pass, || register(file)))
             })
             .unwrap_or(OpenMode::Cached)
     }

@@ -58,13 +58,14 @@ impl Passthrough {
         self.enabled.load(Ordering::Relaxed)
     }
 
-    /// Decides how handle `fh` of node `ino` (a file in the upper or a lower) is served;
-    /// `register` turns the open fd into a backing id when a new one is needed.
+    /// Decides how handle `fh` of node `ino` is served: passthrough only if the node's first
+    /// open may pass (`may_pass`: a file in the upper, opened without sync writes we must
+    /// drop); `register` turns the open fd into a backing id when a new one is needed.
     pub fn open_mode(
         &self,
         ino: Ino,
         fh: u64,
-        in_upper: bool,
+        may_pass: bool,
         register: impl FnOnce() -> std::io::Result<BackingId>,
     ) -> OpenMode {
         if !self.is_enabled() {
@@ -77,7 +78,7 @@ impl Passthrough {
                 b.id.clone()
             }
             None => {
-                let id = if in_upper {
+                let id = if may_pass {
                     match register() {
                         Ok(id) => Some(Arc::new(id)),
                         Err(e) => {
