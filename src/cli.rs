@@ -112,6 +112,9 @@ const OPTION_TABLE: &[(&str, &str)] = &[
                                lower file copy up its metadata only (the kernel's metacopy\n\
                                format); its data follows on the first write. Implies\n\
                                redirect_dir=on. off (default): metacopy files are refused (EPERM)"),
+    ("index=on|off",          "on: the kernel's inode index in <workdir>/index: the names of a\n\
+                               lower hard link stay one file after a copy-up, also after a\n\
+                               remount and under the kernel; the upper is tied to its lowers"),
     ("log_file=PATH",         "once detached, append the log to PATH instead of syslog"),
 ];
 

@@ -47,7 +47,6 @@ pub const NOT_IMPLEMENTED_OPTIONS: &[&str] = &[
     "xattr_permissions",
     "ino32_t",
     "xino",
-    "index",
     "nfs_export",
 ];
 
@@ -55,7 +54,6 @@ pub const NOT_IMPLEMENTED_OPTIONS: &[&str] = &[
 /// warning about them would be wrong: we never follow or create redirects, keep no index, never
 /// metacopy and do no xattr permission mapping.
 const ALREADY_SO: &[(&str, &str)] = &[
-    ("index", "off"),
     ("nfs_export", "off"),
     ("xino", "off"),
     ("xattr_permissions", "0"),
@@ -174,6 +172,9 @@ pub struct Config {
     pub redirect_dir_given: bool,
     /// `metacopy=on`: metadata changes copy up no data, and metacopy files are followed.
     pub metacopy: bool,
+    /// `index=on`: the kernel's index directory keeps the names of a copied-up hard link
+    /// together (`<workdir>/index`), and the upper is tied to its lower layers.
+    pub index: bool,
     /// The kernel's `volatile`: no sync reaches the upper, and the workdir carries the kernel's
     /// marker (`work/incompat/volatile`) so that a later mount is refused until it is removed.
     pub volatile: bool,
@@ -239,6 +240,7 @@ impl Config {
             redirect_dir: RedirectDir::Off,
             redirect_dir_given: false,
             metacopy: false,
+            index: false,
             volatile: false,
             uuid: UuidMode::Auto,
             warnings: Vec::new(),
@@ -445,6 +447,7 @@ fn apply_option(key: &str, value: Option<&str>, cfg: &mut Config) -> Result<(), 
             cfg.redirect_dir_given = true;
         }
         "metacopy" => cfg.metacopy = parse_on_off(key, required(key, value)?)?,
+        "index" => cfg.index = parse_on_off(key, required(key, value)?)?,
         "uuid" => cfg.uuid = parse_uuid(value.unwrap_or(""))?,
         "log_file" => cfg.log_file = Some(PathBuf::from(unescape(required(key, value)?))),
         "upper_limit" => cfg.caps.bytes = Some(parse_size(key, required(key, value)?)?),

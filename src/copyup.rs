@@ -17,6 +17,7 @@ use nix::sys::time::TimeSpec;
 use nix::unistd::{FchownatFlags, Gid, Uid};
 use tracing::debug;
 
+use crate::format::Origin;
 use crate::layer::{self, LayerId, XattrTarget};
 use crate::lookup;
 use crate::node::{Backing, DirLayer, LowerData, Node, fd_of};
@@ -63,10 +64,29 @@ impl Overlay {
         dir.dir_fd(UPPER)?.ok_or_else(|| errno(libc::EIO))
     }
 
+    /// Gives `node` an upper copy (its metadata, under `metacopy=on`) unless the object has
+    /// one, reached by any of its names: an xattr change acts on the object, and the kernel
+    /// links up no name for it.
+    pub(crate) fn copy_up_object(&self, node: &Arc<Node>) -> io::Result<()> {
+        if self.in_upper(node) {
+            return Ok(());
+        }
+        self.copy_up(node, CopyData::Metacopy)
+    }
+
     /// Gives `node` an upper copy, unless it has one already.
     pub(crate) fn copy_up(&self, node: &Arc<Node>, data: CopyData) -> io::Result<()> {
         let work = self.work()?;
         let _serialized = node.copy_up_lock.lock();
+        if node.state().backing.indexed().is_some() {
+            // A change to a copied-up hard link goes through one of its names, which the
+            // kernel links up (makes a name of the copy) first. A FUSE request does not say
+            // which name: the one looked up last stands for it.
+            let alias = node.state().primary_alias().cloned();
+            if let Some(alias) = alias {
+                self.link_up_name(node, &alias.parent, &alias.name)?;
+            }
+        }
         if self.in_upper(node) {
             if data != CopyData::Metacopy && node.state().backing.lower_data().is_some() {
                 return self.copy_up_data(node, data);
@@ -155,18 +175,53 @@ impl Overlay {
             Some(_) => None,
             None => self.lower_data_location(node)?.map(|(loc, _)| loc),
         };
-        let has_origin = match self.build_copy(work, &tmp, loc, source.as_ref(), lower, st, data) {
-            Ok(has_origin) => has_origin,
+        let origin = match self.build_copy(work, &tmp, loc, source.as_ref(), lower, st, data) {
+            Ok(origin) => origin,
             Err(e) => {
                 work.discard(&tmp);
                 return Err(e);
             }
         };
+        let has_origin = origin.is_some();
+        // `index=on`: a hard link's copy goes into the index first, so that every other name
+        // of it finds the copy from now on (and after a crash between the two steps).
+        let indexed = st.st_nlink > 1 && st.st_mode & libc::S_IFMT != libc::S_IFDIR;
+        let index_links = match &origin {
+            Some(origin) if indexed && self.stack.index.is_some() => {
+                match self.index_new_copy(work.fd(), &tmp, origin) {
+                    Ok(false) => Some(origin.index_name()),
+                    Ok(true) => {
+                        // Another name's copy is there already (made before a crash): this
+                        // name becomes one of its names instead.
+                        work.discard(&tmp);
+                        let entry = origin.index_name();
+                        let index = self.index_location(&entry)?;
+                        let Location::Entry(index_dir, _) = index else {
+                            return Err(errno(libc::EIO));
+                        };
+                        self.link_up(&index_dir, &entry, parent, name)?;
+                        Some(entry)
+                    }
+                    Err(e) => {
+                        work.discard(&tmp);
+                        return Err(e);
+                    }
+                }
+            }
+            _ => None,
+        };
         let parent_times = layer::stat_fd(fd_of(parent_upper))?;
-        if let Err(e) = nix::fcntl::renameat(work.fd(), tmp.as_os_str(), fd_of(parent_upper), name)
-        {
+        let placed = match &index_links {
+            Some(entry) if layer::stat_at(fd_of(parent_upper), name).is_ok() => {
+                tracing::debug!(entry = ?entry, "linked to the copy in the index");
+                Ok(())
+            }
+            _ => nix::fcntl::renameat(work.fd(), tmp.as_os_str(), fd_of(parent_upper), name)
+                .map_err(io::Error::from),
+        };
+        if let Err(e) = placed {
             work.discard(&tmp);
-            return Err(e.into());
+            return Err(e);
         }
         if has_origin {
             self.mark_impure(fd_of(parent_upper));
@@ -180,9 +235,14 @@ impl Overlay {
         });
         let mut state = node.state_mut();
         match &mut state.backing {
-            Backing::NonDir { layer, data } => {
+            Backing::NonDir {
+                layer,
+                data,
+                indexed,
+            } => {
                 *layer = UPPER;
                 *data = lower_data;
+                *indexed = index_links.clone().map(Arc::new);
             }
             // A lookup racing with this copy-up may have refreshed the node with the new
             // upper copy already: one directory must not appear twice in its own merge.
@@ -201,7 +261,11 @@ impl Overlay {
         // a new entry: neither change went through the kernel.
         self.attrs_changed(node.ino);
         self.attrs_changed(parent.ino);
-        if st.st_nlink > 1 && st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+        if let Some(entry) = index_links {
+            // The overlay's count stays the lower's; the upper's now includes the index.
+            let links = crate::index::IndexedLinks::new(entry, st.st_nlink);
+            self.index_names_changed(links, 0);
+        } else if indexed {
             // Every name of a hard-linked file this mount knows stays a name of the one copy.
             let mut linked = 1;
             for alias in others {
@@ -254,7 +318,7 @@ impl Overlay {
         lower: LayerId,
         st: &FileStat,
         data: CopyData,
-    ) -> io::Result<bool> {
+    ) -> io::Result<Option<Origin>> {
         let wd = work.fd();
         let kind = st.st_mode & libc::S_IFMT;
         match (kind, loc) {
@@ -313,7 +377,7 @@ impl Overlay {
             dst.set(&self.stack.names.name("metacopy"), b"", 0)?;
         }
         set_owner_mode_times(wd, tmp, st)?;
-        Ok(origin_fd.is_some())
+        Ok(origin_fd)
     }
 
     /// Marks an upper directory as holding copied-up objects (the kernel's `impure`), so that

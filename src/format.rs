@@ -176,6 +176,8 @@ const FB_HEADER_LEN: usize = 5 + 16;
 /// The handle's words are in the CPU's byte order; set only on big-endian machines.
 const FH_FLAG_BIG_ENDIAN: u8 = 1 << 0;
 const FH_FLAG_ANY_ENDIAN: u8 = 1 << 1;
+/// The handle names an upper object (the index directory's `upper` record).
+const FH_FLAG_PATH_UPPER: u8 = 1 << 2;
 
 impl Origin {
     /// The xattr value, byte for byte what the kernel writes.
@@ -196,6 +198,20 @@ impl Origin {
         v.extend_from_slice(&self.uuid);
         v.extend_from_slice(&self.fid);
         v
+    }
+
+    /// The record of an upper object (the index directory's `upper`): flagged as such.
+    pub fn encode_upper(&self) -> Vec<u8> {
+        let mut v = self.encode();
+        v[3] |= FH_FLAG_PATH_UPPER;
+        v
+    }
+
+    /// The name of the index entry for a copy of the object this record names: the record
+    /// in lowercase hex, as the kernel names them.
+    pub fn index_name(&self) -> std::ffi::OsString {
+        let hex: String = self.encode().iter().map(|b| format!("{b:02x}")).collect();
+        hex.into()
     }
 
     /// Parses an xattr value; `None` for anything malformed or from a machine of the other

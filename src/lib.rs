@@ -16,6 +16,7 @@ pub mod fuse;
 pub mod handles;
 pub mod idmap;
 pub mod incompat;
+pub mod index;
 pub mod layer;
 pub mod logging;
 pub mod lookup;

@@ -126,6 +126,7 @@ pub fn resolve(stack: &Stack, parent: &[DirLayer], name: &OsStr) -> io::Result<O
                     dir: dl.clone(),
                     name: name.to_os_string(),
                 })),
+                indexed: None,
             };
             return Ok(metacopy);
         }

@@ -50,6 +50,13 @@ fn open_overlay(cfg: &Config) -> anyhow::Result<Overlay> {
         (Some(upper), Some(workdir)) => Some(WorkDir::prepare(upper, workdir)?),
         _ => None,
     };
+    let index = match &work {
+        Some(work) if cfg.index && !cfg.read_only => Some(std::sync::Arc::new(
+            work.open_index()
+                .context("index=on: cannot open the index directory in workdir")?,
+        )),
+        _ => None,
+    };
     let names = XattrNames {
         userxattr: cfg.userxattr,
     };
@@ -60,6 +67,8 @@ fn open_overlay(cfg: &Config) -> anyhow::Result<Overlay> {
     if cfg.uuid == UuidMode::Off && !stack.use_null_origin_uuids() {
         warn!("uuid=off needs every layer on one filesystem: using uuid=null, as the kernel does");
     }
+    stack.index = index;
+    rsfs_overlay::index::verify_roots(&stack).map_err(anyhow::Error::msg)?;
     let opts = OverlayOptions {
         read_only: cfg.read_only || cfg.upperdir.is_none(),
         sync: cfg.fsync && !cfg.volatile,

@@ -88,19 +88,34 @@ pub enum Backing {
     NonDir {
         layer: LayerId,
         data: Option<Arc<LowerData>>,
+        /// `index=on`: the copy's entry in the index directory (a copied-up hard link). The
+        /// names of it that only a lower holds (not linked up) reach the copy through it.
+        indexed: Option<Arc<OsString>>,
     },
 }
 
 impl Backing {
     /// A non-directory whose data lives where it does.
     pub fn non_dir(layer: LayerId) -> Backing {
-        Backing::NonDir { layer, data: None }
+        Backing::NonDir {
+            layer,
+            data: None,
+            indexed: None,
+        }
     }
 
     /// The lower file a metacopy file's data comes from.
     pub fn lower_data(&self) -> Option<&Arc<LowerData>> {
         match self {
             Backing::NonDir { data, .. } => data.as_ref(),
+            Backing::Dir(_) => None,
+        }
+    }
+
+    /// The index entry a name of a copied-up hard link is reached through (`index=on`).
+    pub fn indexed(&self) -> Option<&Arc<OsString>> {
+        match self {
+            Backing::NonDir { indexed, .. } => indexed.as_ref(),
             Backing::Dir(_) => None,
         }
     }

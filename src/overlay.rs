@@ -180,31 +180,48 @@ impl Overlay {
                 let top = layers.first().ok_or_else(|| errno(libc::ESTALE))?;
                 Ok((Location::Dir(top.fd()?), top.layer))
             }
-            Backing::NonDir { layer, .. } => {
+            Backing::NonDir { layer, indexed, .. } => {
                 let upper = self.stack.is_upper(*layer);
                 if st.aliases.is_empty() && upper {
                     // Its old name in the upper may hold something else by now (a whiteout,
                     // a new file): only the fd kept when the name went reaches it.
                     return Self::kept_location(&st).map(|loc| (loc, *layer));
                 }
-                // A lower object keeps its lower name: the lowers never change.
-                let alias = st
-                    .primary_alias()
-                    .or(st.last_removed())
-                    .ok_or_else(|| errno(libc::ESTALE))?;
-                let dir = alias
-                    .parent
-                    .dir_fd(*layer)?
-                    .ok_or_else(|| errno(libc::ESTALE))?;
-                if upper {
+                if !upper {
+                    // A lower object keeps its lower name: the lowers never change.
+                    let alias = st
+                        .primary_alias()
+                        .or(st.last_removed())
+                        .ok_or_else(|| errno(libc::ESTALE))?;
+                    let dir = alias
+                        .parent
+                        .dir_fd(*layer)?
+                        .ok_or_else(|| errno(libc::ESTALE))?;
+                    return Ok((Location::Entry(dir, alias.name.clone()), *layer));
+                }
+                // Under `index=on` some names of a copied-up hard link are only lower names
+                // (not linked up): the copy is reached by a name of it the upper holds, or
+                // through its index entry.
+                let names = if indexed.is_some() {
+                    st.aliases.len()
+                } else {
+                    1
+                };
+                for alias in st.aliases.iter().take(names) {
+                    let Some(dir) = alias.parent.dir_fd(*layer)? else {
+                        continue;
+                    };
                     // A request racing with a rename or unlink of this name may find the name
                     // already holding something else (a whiteout above all): never act on that.
                     let found = layer::stat_at(fd_of(&dir), &alias.name);
-                    if !found.is_ok_and(|f| f.st_mode & libc::S_IFMT == st.file_type) {
-                        return Self::kept_location(&st).map(|loc| (loc, *layer));
+                    if found.is_ok_and(|f| f.st_mode & libc::S_IFMT == st.file_type) {
+                        return Ok((Location::Entry(dir, alias.name.clone()), *layer));
                     }
                 }
-                Ok((Location::Entry(dir, alias.name.clone()), *layer))
+                if let Some(entry) = indexed {
+                    return Ok((self.index_location(entry)?, *layer));
+                }
+                Self::kept_location(&st).map(|loc| (loc, *layer))
             }
         }
     }
@@ -280,6 +297,9 @@ impl Overlay {
     pub(crate) fn attr_of(&self, node: &Node, st: &FileStat) -> Attr {
         let mut st = *st;
         self.with_data_blocks(node, &mut st);
+        if let Some(nlink) = self.indexed_nlink(node, &st) {
+            st.st_nlink = nlink as _;
+        }
         let state = node.state();
         let mut attr = Attr::from_stat(&st, node.ino, state.is_merged_dir());
         attr.nlink += state.pending_links;
@@ -330,7 +350,12 @@ impl Overlay {
             let known_copy = || self.nodes.get(lower_ino).is_some_and(|n| self.in_upper(&n));
             // A hard-linked origin's number is kept only while this mount knows the object by
             // it (its names then share the one upper copy).
-            if st.st_mode & libc::S_IFMT == libc::S_IFDIR || st.st_nlink == 1 || known_copy() {
+            // Under `index=on` every name of one always reaches one copy (through the index).
+            if st.st_mode & libc::S_IFMT == libc::S_IFDIR
+                || st.st_nlink == 1
+                || self.stack.index.is_some()
+                || known_copy()
+            {
                 return lower_ino;
             }
         }
@@ -351,7 +376,7 @@ impl Overlay {
         since: u64,
     ) -> Attr {
         let ino = self.ino_of(&r);
-        let attr = Attr::from_stat(&r.stat, ino, r.is_merged_dir());
+        let stat = r.stat;
         let node = Node::new(
             ino,
             NodeState::new(r.backing, r.stat.st_mode & libc::S_IFMT),
@@ -364,7 +389,7 @@ impl Overlay {
                 return fresh;
             }
         }
-        attr
+        self.attr_of(&node, &stat)
     }
 
     pub fn lookup(&self, parent: Ino, name: &OsStr) -> io::Result<Attr> {
@@ -384,6 +409,11 @@ impl Overlay {
             }
             self.attrs_changed(parent.ino);
         }
+        if self.stack.index.is_some()
+            && let Some(copy) = layers.iter().find(|d| d.layer == resolved.top)
+        {
+            self.find_in_index(&mut resolved, copy, name);
+        }
         if let Some(relinked) = self.join_copied_hard_link(&parent, name, &resolved) {
             return Ok(self.remember(&parent, name, relinked, since));
         }
@@ -401,7 +431,7 @@ impl Overlay {
         let Backing::NonDir { layer, .. } = r.backing else {
             return None;
         };
-        if self.stack.is_upper(layer) || r.stat.st_nlink < 2 {
+        if self.stack.is_upper(layer) || r.stat.st_nlink < 2 || self.stack.index.is_some() {
             return None;
         }
         let node = self.nodes.get(self.ino_of(r))?;

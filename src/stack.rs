@@ -31,6 +31,9 @@ pub struct Stack {
     /// `metacopy=on`: metacopy files are followed to their lower data (else refused with
     /// EPERM, as the kernel), and metadata changes to lower files copy up no data.
     pub metacopy: bool,
+    /// `index=on`: `<workdir>/index`, where a copied-up hard link is also linked under the
+    /// hex of its origin record, so every lower name of it finds the copy.
+    pub index: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
     /// Origin records carry the lower filesystem's UUID: all but `uuid=off` (see
     /// `use_null_origin_uuids`).
     origin_uuids: bool,
@@ -85,6 +88,7 @@ impl Stack {
             work,
             follow_redirects: true,
             metacopy: false,
+            index: None,
             origin_uuids: true,
         })
     }

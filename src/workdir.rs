@@ -18,6 +18,8 @@ use nix::unistd::UnlinkatFlags;
 use crate::{incompat, layer};
 
 const WORK_NAME: &str = "work";
+/// The kernel's index directory (`index=on`), beside `work`.
+const INDEX_NAME: &str = "index";
 
 #[derive(Debug)]
 pub struct WorkDir {
@@ -114,6 +116,16 @@ impl WorkDir {
 
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.work.as_fd()
+    }
+
+    /// `<workdir>/index` (`index=on`), made if missing.
+    pub fn open_index(&self) -> io::Result<OwnedFd> {
+        let wd = self._locks[1].as_fd();
+        match nix::sys::stat::mkdirat(wd, INDEX_NAME, Mode::from_bits_truncate(0o700)) {
+            Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+        layer::open_dir_at(wd, OsStr::new(INDEX_NAME))
     }
 
     /// A fresh name for a temporary in the work directory.

@@ -386,6 +386,7 @@ impl Overlay {
             return Err(errno(libc::EEXIST));
         }
         self.copy_up(&node, CopyData::Metacopy)?;
+        let index_links = self.index_links(&node);
         let new_upper = self.upper_dir(&np)?;
         let (old_dir, old_name) = match self.locate(&node)? {
             (Location::Entry(dir, name), _) => (dir, name),
@@ -428,6 +429,9 @@ impl Overlay {
         } else {
             link(dir, newname)?;
         }
+        if let Some(links) = index_links {
+            self.index_names_changed(links, 1);
+        }
         let st = layer::stat_at(dir, newname)?;
         if self.has_origin(XattrTarget::Entry(dir, newname)) {
             self.mark_impure(dir);
@@ -445,11 +449,18 @@ impl Overlay {
     ) -> io::Result<()> {
         self.work()?;
         let parent = self.node(parent)?;
-        let r = self
+        let mut r = self
             .resolve_child(&parent, name)?
             .ok_or_else(|| errno(libc::ENOENT))?;
         if matches!(r.backing, Backing::Dir(_)) {
             return Err(errno(libc::EISDIR));
+        }
+        if let Some(node) = self.nodes.get(self.ino_of(&r))
+            && self.copy_up_before_name_goes(&node, &parent, name)?
+        {
+            r = self
+                .resolve_child(&parent, name)?
+                .ok_or_else(|| errno(libc::ENOENT))?;
         }
         self.remove_entry(&parent, name, &r)
     }
@@ -487,6 +498,7 @@ impl Overlay {
         let dir = fd_of(&upper);
         let gone: Vec<&Arc<Node>> = node.iter().chain(&others).collect();
         self.keep_before_name_goes(&gone, dir, name, r);
+        let index_links = node.as_ref().and_then(|n| self.index_links(n));
         if self.stack.is_upper(r.top) {
             if needs_whiteout {
                 self.whiteout_over(dir, name)?;
@@ -501,6 +513,9 @@ impl Overlay {
             }
         } else {
             self.place_whiteout(dir, name)?;
+        }
+        if let Some(links) = index_links {
+            self.index_names_changed(links, -1);
         }
         if let Some(node) = node {
             if !self.stack.is_upper(r.top) {
@@ -787,7 +802,18 @@ impl Overlay {
             }
         }
         let src_node = self.nodes.get(src_ino).ok_or_else(|| errno(libc::ESTALE))?;
+        let mut dst = dst;
+        if !exchange
+            && let Some(d) = &dst
+            && !matches!(d.backing, Backing::Dir(_))
+            && let Some(replaced) = self.nodes.get(self.ino_of(d))
+            && self.copy_up_before_name_goes(&replaced, &np, newname)?
+        {
+            dst = self.resolve_child(&np, newname)?;
+        }
         self.copy_up(&src_node, CopyData::Metacopy)?;
+        // The name moved must be the copy's own (not only a lower name reaching it).
+        self.link_up_name(&src_node, &op, oldname)?;
         let dst_node = match &dst {
             Some(d) => self.nodes.get(self.ino_of(d)),
             None => None,
@@ -799,7 +825,13 @@ impl Overlay {
         let src_others = self.other_nodes_named(op.ino, oldname, &src);
         if exchange && let Some(d) = &dst_node {
             self.copy_up(d, CopyData::Metacopy)?;
+            self.link_up_name(d, &np, newname)?;
         }
+        // A file replaced loses a name.
+        let replaced_links = match &dst_node {
+            Some(d) if !exchange && !d.is_dir() => self.index_links(d),
+            _ => None,
+        };
         let old_upper = self.upper_dir(&op)?;
         let new_upper = self.upper_dir(&np)?;
         let (od, nd) = (fd_of(&old_upper), fd_of(&new_upper));
@@ -841,6 +873,9 @@ impl Overlay {
             self.attrs_changed(op.ino);
         }
         renamed?;
+        if let Some(links) = replaced_links {
+            self.index_names_changed(links, -1);
+        }
         // A directory that now holds an object with an origin record is impure.
         if self.has_origin(XattrTarget::Entry(nd, newname)) {
             self.mark_impure(nd);
@@ -1209,7 +1244,7 @@ impl Overlay {
             .ok_or_else(|| errno(libc::EPERM))?;
         self.work()?;
         let node = self.node(ino)?;
-        self.copy_up(&node, CopyData::Metacopy)?;
+        self.copy_up_object(&node)?;
         let (loc, _) = self.locate(&node)?;
         loc.xattr_target().set(&stored, value, flags)
     }
@@ -1233,7 +1268,7 @@ impl Overlay {
             let (loc, _) = self.locate(&node)?;
             loc.xattr_target().get(&stored)?;
         }
-        self.copy_up(&node, CopyData::Metacopy)?;
+        self.copy_up_object(&node)?;
         let (loc, _) = self.locate(&node)?;
         loc.xattr_target().remove(&stored)
     }
