@@ -287,7 +287,13 @@ impl Overlay {
     /// The link count to report for `node` (`st` its upper copy's `lstat`) under `index=on`.
     pub(crate) fn indexed_nlink(&self, node: &Node, st: &FileStat) -> Option<u64> {
         self.index_dir()?;
-        if st.st_nlink < 2 || st.st_mode & libc::S_IFMT == libc::S_IFDIR || !self.in_upper(node) {
+        // A copy in the index may be left with the index's link alone (its other names are
+        // lower ones); any other upper file with one link is no indexed copy.
+        let indexed = node.state().backing.indexed().is_some();
+        if (st.st_nlink < 2 && !indexed)
+            || st.st_mode & libc::S_IFMT == libc::S_IFDIR
+            || !self.in_upper(node)
+        {
             return None;
         }
         let (loc, _) = self.locate(node).ok()?;

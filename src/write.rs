@@ -684,12 +684,20 @@ impl Overlay {
     ) -> io::Result<()> {
         let key = self.stack.names.name("redirect");
         let own = upper.get_opt(&key).ok().flatten();
+        // A file with several names may have them in several directories: its redirect is
+        // always absolute (the kernel's rule, which looks at the overlay's link count).
+        let relative = samedir
+            && (node.is_dir()
+                || self
+                    .locate(node)
+                    .and_then(|(loc, _)| loc.stat())
+                    .is_ok_and(|st| self.attr_of(node, &st).nlink <= 1));
         if let Some(r) = &own
-            && (samedir || r.starts_with(b"/"))
+            && (relative || r.starts_with(b"/"))
         {
             return Ok(());
         }
-        let value = if samedir {
+        let value = if relative {
             name.as_bytes().to_vec()
         } else {
             self.absolute_redirect(own, parent, name)?
@@ -857,6 +865,16 @@ impl Overlay {
         {
             crate::workdir::clear_dir(fd_of(&l.fd()?))?;
         }
+        // As the kernel, before the rename (so also when it fails): a directory that is to
+        // hold an object with an origin record from another directory is impure.
+        if !samedir {
+            if self.has_origin(XattrTarget::Entry(od, oldname)) {
+                self.mark_impure(nd);
+            }
+            if exchange && self.has_origin(XattrTarget::Entry(nd, newname)) {
+                self.mark_impure(od);
+            }
+        }
         self.keep_moving_symlink(&src_node, od, oldname);
         let renamed = self.rename_in_upper(
             od,
@@ -875,13 +893,6 @@ impl Overlay {
         renamed?;
         if let Some(links) = replaced_links {
             self.index_names_changed(links, -1);
-        }
-        // A directory that now holds an object with an origin record is impure.
-        if self.has_origin(XattrTarget::Entry(nd, newname)) {
-            self.mark_impure(nd);
-        }
-        if exchange && self.has_origin(XattrTarget::Entry(od, oldname)) {
-            self.mark_impure(od);
         }
         {
             let mut st = src_node.state_mut();
