@@ -115,6 +115,8 @@ const OPTION_TABLE: &[(&str, &str)] = &[
     ("index=on|off",          "on: the kernel's inode index in <workdir>/index: the names of a\n\
                                lower hard link stay one file after a copy-up, also after a\n\
                                remount and under the kernel; the upper is tied to its lowers"),
+    ("xino=auto|on|off",      "inode numbers carry the filesystem index in their high bits on\n\
+                               a stack over several filesystems (off is kept as auto)"),
     ("log_file=PATH",         "once detached, append the log to PATH instead of syslog"),
 ];
 

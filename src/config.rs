@@ -42,22 +42,13 @@ pub const IGNORED_OPTIONS: &[&str] = &[
 ///
 /// They are accepted so that existing command lines keep working; each use leaves a line in
 /// [`Config::warnings`] unless its value asks for what we already do, such as `index=off`.
-pub const NOT_IMPLEMENTED_OPTIONS: &[&str] = &[
-    "writeback",
-    "xattr_permissions",
-    "ino32_t",
-    "xino",
-    "nfs_export",
-];
+pub const NOT_IMPLEMENTED_OPTIONS: &[&str] =
+    &["writeback", "xattr_permissions", "ino32_t", "nfs_export"];
 
 /// `key=value` pairs among [`NOT_IMPLEMENTED_OPTIONS`] that describe our current behaviour, so
-/// warning about them would be wrong: we never follow or create redirects, keep no index, never
-/// metacopy and do no xattr permission mapping.
-const ALREADY_SO: &[(&str, &str)] = &[
-    ("nfs_export", "off"),
-    ("xino", "off"),
-    ("xattr_permissions", "0"),
-];
+/// warning about them would be wrong: we serve no NFS export and do no xattr permission
+/// mapping.
+const ALREADY_SO: &[(&str, &str)] = &[("nfs_export", "off"), ("xattr_permissions", "0")];
 
 /// The kernel's `redirect_dir=`: whether renaming a directory that has lower content writes a
 /// redirect (instead of failing with EXDEV), and whether redirects found are followed.
@@ -448,6 +439,7 @@ fn apply_option(key: &str, value: Option<&str>, cfg: &mut Config) -> Result<(), 
         }
         "metacopy" => cfg.metacopy = parse_on_off(key, required(key, value)?)?,
         "index" => cfg.index = parse_on_off(key, required(key, value)?)?,
+        "xino" => apply_xino(required(key, value)?, cfg)?,
         "uuid" => cfg.uuid = parse_uuid(value.unwrap_or(""))?,
         "log_file" => cfg.log_file = Some(PathBuf::from(unescape(required(key, value)?))),
         "upper_limit" => cfg.caps.bytes = Some(parse_size(key, required(key, value)?)?),
@@ -607,6 +599,28 @@ fn parse_id(key: &str, value: &str) -> Result<u32, ConfigError> {
 }
 
 /// fuse-overlayfs's on/off values: `1` or `0`.
+/// The kernel's `xino=`: `auto` and `on` are what we do (on a stack over several filesystems,
+/// the filesystem's index goes in the high bits of every inode number). `off` cannot be had
+/// through FUSE: the kernel then reports each lower object with its own layer's `st_dev`,
+/// while a FUSE mount gives every object the mount's, so numbers must stay unique by
+/// themselves; it is kept as `auto`, with a warning.
+fn apply_xino(value: &str, cfg: &mut Config) -> Result<(), ConfigError> {
+    match value {
+        "auto" | "on" => Ok(()),
+        "off" => {
+            cfg.warnings.push(
+                "option 'xino=off' is kept as xino=auto: through FUSE every object has the \
+                 mount's st_dev, so inode numbers carry their filesystem's index to stay unique"
+                    .to_owned(),
+            );
+            Ok(())
+        }
+        _ => err(format!(
+            "option 'xino' needs auto, on or off, not '{value}'"
+        )),
+    }
+}
+
 /// A kernel option's `on`/`off`.
 fn parse_on_off(key: &str, value: &str) -> Result<bool, ConfigError> {
     match value {
@@ -821,11 +835,27 @@ mod tests {
             }
         }
         let cfg = parsed(
-            &["uidmapping=0:1000:1:1:100000:65536,xino=on,writeback=1"],
+            &["uidmapping=0:1000:1:1:100000:65536,nfs_export=on,writeback=1"],
             false,
         )
         .unwrap();
         assert_eq!(cfg.warnings.len(), 2);
+    }
+
+    #[test]
+    fn xino_auto_and_on_are_what_we_do() {
+        for v in ["auto", "on"] {
+            let cfg = parsed(&[&format!("xino={v}")], false).unwrap();
+            assert!(cfg.warnings.is_empty(), "xino={v}");
+        }
+        let cfg = parsed(&["xino=off"], false).unwrap();
+        assert!(
+            cfg.warnings[0].contains("kept as xino=auto"),
+            "{:?}",
+            cfg.warnings
+        );
+        assert!(parsed(&["xino=maybe"], false).is_err());
+        assert!(parsed(&["xino"], false).is_err());
     }
 
     #[test]
