@@ -548,6 +548,8 @@ fn upper_strays(upper: &Path, observed: &State, universe: &BTreeSet<String>) -> 
                 stack.push((de.path(), r));
             } else if ft.is_file() {
                 match observed.get(&r) {
+                    // A metacopy file holds metadata only; its data is read from a lower.
+                    Some(Obj::File(_)) if is_metacopy(&de.path()) => {}
                     Some(Obj::File(c)) => {
                         let on_disk = std::fs::read(de.path()).unwrap_or_default();
                         if on_disk != **c {
@@ -574,6 +576,10 @@ fn upper_strays(upper: &Path, observed: &State, universe: &BTreeSet<String>) -> 
         }
     }
     out
+}
+
+fn is_metacopy(path: &Path) -> bool {
+    common::xattr::get(path, "trusted.overlay.metacopy").is_ok()
 }
 
 fn show_obj(o: Option<&Obj>) -> String {
@@ -706,7 +712,13 @@ fn lazy_unmount(p: &Path) -> Result<(), String> {
     ))
 }
 
-fn round(fx: &Fixture, r: usize, seed: u64, stats: &mut Stats) -> Result<(), String> {
+fn round(
+    fx: &Fixture,
+    r: usize,
+    seed: u64,
+    opts: &[&str],
+    stats: &mut Stats,
+) -> Result<(), String> {
     let mut rng = Rng::new(seed);
     let plan = gen_plan(fx, &mut rng, r);
     let n = plan.ops.len();
@@ -731,7 +743,7 @@ fn round(fx: &Fixture, r: usize, seed: u64, stats: &mut Stats) -> Result<(), Str
     let lowers: Vec<&Path> = fx.lowers.iter().map(PathBuf::as_path).collect();
     let uw = Some((upper.as_path(), workdir.as_path()));
 
-    let m1 = DaemonMount::start_overlay(&our_bin(), None, &lowers, uw, &[], true)
+    let m1 = DaemonMount::start_overlay(&our_bin(), None, &lowers, uw, opts, true)
         .map_err(|e| format!("first mount: {e}"))?;
     let pid = m1
         .daemon_pid()
@@ -788,7 +800,7 @@ fn round(fx: &Fixture, r: usize, seed: u64, stats: &mut Stats) -> Result<(), Str
         stats.rounds_with_work_leftovers += 1;
     }
 
-    let mut m2 = DaemonMount::start_overlay(&our_bin(), None, &lowers, uw, &[], true)
+    let mut m2 = DaemonMount::start_overlay(&our_bin(), None, &lowers, uw, opts, true)
         .map_err(|e| format!("{ctx}: remount after the crash: {e}"))?;
     let mut problems = Vec::new();
     match names_in(&workdir.join("work")) {
@@ -858,18 +870,34 @@ fn env_u64(name: &str) -> Option<u64> {
 
 #[test]
 fn sigkill_during_workload_leaves_old_or_new_versions() {
+    crash_rounds(100, 0x5eed_c4a5, &[]);
+}
+
+/// The same with the kernel's optional features: a rename of a lower file is a metacopy copy-up
+/// plus a redirect, and the first write to it copies its data into the upper file in place,
+/// its metacopy mark removed last; a kill in between must leave the old or the new version.
+#[test]
+fn sigkill_with_metacopy_index_and_redirects_leaves_old_or_new_versions() {
+    crash_rounds(
+        30,
+        0x5eed_3e7a,
+        &["redirect_dir=on", "index=on", "metacopy=on"],
+    );
+}
+
+fn crash_rounds(default_rounds: u64, default_seed: u64, opts: &[&str]) {
     if !require_root_and_fuse() {
         return;
     }
-    let rounds = env_u64("RSFS_CRASH_ROUNDS").unwrap_or(100) as usize;
-    let base = env_u64("RSFS_CRASH_SEED").unwrap_or(0x5eed_c4a5);
+    let rounds = env_u64("RSFS_CRASH_ROUNDS").unwrap_or(default_rounds) as usize;
+    let base = env_u64("RSFS_CRASH_SEED").unwrap_or(default_seed);
     let t0 = Instant::now();
     let fx = Fixture::build(base);
     let mut stats = Stats::default();
     let mut failures = Vec::new();
     for r in 0..rounds {
         let seed = base.wrapping_add((r as u64).wrapping_mul(0x9E37_79B9));
-        if let Err(e) = round(&fx, r, seed, &mut stats) {
+        if let Err(e) = round(&fx, r, seed, opts, &mut stats) {
             failures.push(e);
         }
     }
@@ -886,7 +914,7 @@ fn sigkill_during_workload_leaves_old_or_new_versions() {
         }
     }
     eprintln!(
-        "crash: {} rounds in {:.1?}: {} ops planned, {} started, {} completed before the kill; \
+        "crash {opts:?}: {} rounds in {:.1?}: {} ops planned, {} started, {} completed before the kill; \
          {} kills inside a large copy-up op, {} after the workload ended, {} rounds left \
          temporaries in work/ (all removed at remount), {} rounds matched a half-done op",
         stats.rounds,
