@@ -413,16 +413,57 @@ pub fn run_differential(
         }
     }
     let diffs = compare_uppers(&kc.upper, &oc.upper, since);
-    if diffs.is_empty() {
-        return None;
+    if !diffs.is_empty() {
+        return Some(Failure {
+            signature: format!("upper:{}", field_of(&diffs[0])),
+            step: ops.len(),
+            lines: diffs
+                .iter()
+                .map(|d| format!("upper dir after unmount: {d}"))
+                .collect(),
+        });
     }
-    Some(Failure {
-        signature: format!("upper:{}", field_of(&diffs[0])),
-        step: ops.len(),
-        lines: diffs
-            .iter()
-            .map(|d| format!("upper dir after unmount: {d}"))
-            .collect(),
+    interchange(&kc, &oc, subject, since, ops.len())
+}
+
+/// Each side's stack (upper, workdir with its index, lowers) mounted by the other: the kernel
+/// over ours, ours over the kernel's, and the two merged trees compared. An upper one of them
+/// wrote that the other reads differently shows here.
+fn interchange(
+    kc: &StackCopy,
+    oc: &StackCopy,
+    subject: Impl,
+    since: Since,
+    step: usize,
+) -> Option<Failure> {
+    // Each over its own lowers: an upper's origin records name its own copy of them.
+    let (kernel_on_ours, ours_on_kernels) = (oc, kc);
+    let kmount = AnyMount::mount(Impl::Kernel, kernel_on_ours)
+        .unwrap_or_else(|e| panic!("the kernel refuses our upper: {e}"));
+    let omount = AnyMount::mount(subject, ours_on_kernels)
+        .unwrap_or_else(|e| panic!("{} refuses the kernel's upper: {e}", subject.name()));
+    let ks = Tree::take(kmount.path(), &kernel_on_ours.ino_map(), Some(since), true);
+    let os = Tree::take(omount.path(), &ours_on_kernels.ino_map(), Some(since), true);
+    let diffs = compare_trees(
+        "the kernel on our upper",
+        &ks,
+        "ours on the kernel's",
+        &os,
+        CompareOpts::new(),
+        FileBlocks::OneTreeBlock,
+    );
+    let mut lines: Vec<String> = [omount.unmount(), kmount.unmount()]
+        .into_iter()
+        .flatten()
+        .collect();
+    lines.extend(diffs.iter().map(|d| format!("remounted crosswise: {d}")));
+    (!lines.is_empty()).then(|| Failure {
+        signature: format!(
+            "interchange:{}",
+            diffs.first().map_or("unmount".to_owned(), |d| field_of(d))
+        ),
+        step,
+        lines,
     })
 }
 
