@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::dir::Dir;
-use nix::fcntl::{Flock, FlockArg, OFlag};
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, Flock, FlockArg, OFlag};
 use nix::sys::stat::Mode;
 use nix::unistd::UnlinkatFlags;
 
@@ -20,6 +21,9 @@ use crate::{incompat, layer};
 const WORK_NAME: &str = "work";
 /// The kernel's index directory (`index=on`), beside `work`.
 const INDEX_NAME: &str = "index";
+/// The whiteout in `work` that new whiteouts are hard links of (removed at unmount, and with
+/// the other leftovers at the next mount if the daemon died).
+const SHARED_WHITEOUT: &str = "#whiteout";
 
 #[derive(Debug)]
 pub struct WorkDir {
@@ -27,6 +31,8 @@ pub struct WorkDir {
     /// Held for the life of the mount; dropping them releases the locks.
     _locks: Vec<Flock<OwnedFd>>,
     counter: AtomicU64,
+    /// Serializes making and renewing the shared whiteout.
+    whiteout: std::sync::Mutex<()>,
 }
 
 /// Why the work directory could not be prepared.
@@ -111,6 +117,7 @@ impl WorkDir {
             work,
             _locks: locks,
             counter: AtomicU64::new(0),
+            whiteout: std::sync::Mutex::new(()),
         })
     }
 
@@ -128,6 +135,34 @@ impl WorkDir {
         layer::open_dir_at(wd, OsStr::new(INDEX_NAME))
     }
 
+    /// Makes `dir/name` a whiteout (a character device 0/0) as the kernel does: a hard link of
+    /// one whiteout kept in the work directory, so a whiteout costs a link, not a new inode
+    /// (which, on ext4, is most of the cost of `rm -rf` of a lower tree). Where links are not
+    /// possible a whiteout of its own is made. Fails with EEXIST when `name` exists.
+    pub fn link_whiteout(&self, dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+        let shared = OsStr::new(SHARED_WHITEOUT);
+        for _ in 0..2 {
+            match nix::unistd::linkat(self.fd(), shared, dir, name, AtFlags::empty()) {
+                Ok(()) => return Ok(()),
+                Err(Errno::ENOENT) | Err(Errno::EMLINK) => {
+                    // Missing, or at the filesystem's link limit: a fresh one takes its name.
+                    let _one_maker = self.whiteout.lock();
+                    let tmp = self.temp_name();
+                    make_whiteout(self.fd(), &tmp)?;
+                    if let Err(e) =
+                        nix::fcntl::renameat(self.fd(), tmp.as_os_str(), self.fd(), shared)
+                    {
+                        self.discard(&tmp);
+                        return Err(e.into());
+                    }
+                }
+                Err(Errno::EEXIST) => return Err(Errno::EEXIST.into()),
+                Err(_) => break,
+            }
+        }
+        make_whiteout(dir, name)
+    }
+
     /// A fresh name for a temporary in the work directory.
     pub fn temp_name(&self) -> OsString {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
@@ -140,6 +175,28 @@ impl WorkDir {
             tracing::warn!(name = ?name, error = %e, "cannot remove temporary from work directory");
         }
     }
+}
+
+impl Drop for WorkDir {
+    /// A clean unmount leaves `work` empty.
+    fn drop(&mut self) {
+        let _ = nix::unistd::unlinkat(
+            self.work.as_fd(),
+            SHARED_WHITEOUT,
+            UnlinkatFlags::NoRemoveDir,
+        );
+    }
+}
+
+/// A whiteout of its own: a character device 0/0.
+pub fn make_whiteout(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+    Ok(nix::sys::stat::mknodat(
+        dir,
+        name,
+        nix::sys::stat::SFlag::S_IFCHR,
+        Mode::empty(),
+        0,
+    )?)
 }
 
 /// Removes everything inside `dir`, never following a symlink.

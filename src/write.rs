@@ -27,6 +27,7 @@ use crate::lookup::{self, Resolved};
 use crate::node::{Backing, DirLayer, Ino, Node, ROOT_INO, fd_of};
 use crate::overlay::{Location, Overlay, errno, open_passthrough_flags};
 use crate::readdir;
+use crate::workdir::make_whiteout;
 
 /// How setattr changes one timestamp.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,7 +103,7 @@ impl Overlay {
     fn whiteout_over(&self, dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
         let work = self.work()?;
         let tmp = work.temp_name();
-        make_whiteout(work.fd(), &tmp)?;
+        self.new_whiteout(work, work.fd(), &tmp)?;
         if let Err(e) = nix::fcntl::renameat2(
             work.fd(),
             tmp.as_os_str(),
@@ -121,6 +122,11 @@ impl Overlay {
     /// to the mounter, not to a setgid parent's group, as the kernel's) and renamed in.
     fn place_whiteout(&self, dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
         let work = self.work()?;
+        if self.quota.get().is_none() {
+            // Made in place: linking (or making) a name is atomic, and fails if the name
+            // exists rather than replacing what a racing request put there.
+            return work.link_whiteout(dir, name);
+        }
         let tmp = work.temp_name();
         make_whiteout(work.fd(), &tmp)?;
         if let Err(e) = nix::fcntl::renameat(work.fd(), tmp.as_os_str(), dir, name) {
@@ -128,6 +134,22 @@ impl Overlay {
             return Err(e.into());
         }
         Ok(())
+    }
+
+    /// A new whiteout `dir/name`: a link of the shared one, except on a mount keeping
+    /// counters, which count each whiteout as the inode it is elsewhere (`du` counts a hard
+    /// link once).
+    fn new_whiteout(
+        &self,
+        work: &crate::workdir::WorkDir,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+    ) -> io::Result<()> {
+        if self.quota.get().is_none() {
+            work.link_whiteout(dir, name)
+        } else {
+            make_whiteout(dir, name)
+        }
     }
 
     /// True when the upper object at `loc` carries an origin record (copied up or merged).
@@ -1324,15 +1346,6 @@ fn is_opaque_dir(r: &Resolved) -> bool {
 }
 
 /// A kernel whiteout: a character device 0/0 with no permissions.
-fn make_whiteout(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
-    Ok(nix::sys::stat::mknodat(
-        dir,
-        name,
-        SFlag::S_IFCHR,
-        Mode::empty(),
-        0,
-    )?)
-}
 
 /// Gives a new object to its creator. Changing the owner clears setuid/setgid on files, so the
 /// mode is put back afterwards.
