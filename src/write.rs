@@ -1345,8 +1345,6 @@ fn is_opaque_dir(r: &Resolved) -> bool {
     matches!(&r.backing, Backing::Dir(l) if l.first().is_some_and(|d| d.marks.opaque))
 }
 
-/// A kernel whiteout: a character device 0/0 with no permissions.
-
 /// Gives a new object to its creator. Changing the owner clears setuid/setgid on files, so the
 /// mode is put back afterwards.
 fn give_to(dir: BorrowedFd<'_>, name: &OsStr, uid: u32, gid: u32) -> io::Result<()> {
