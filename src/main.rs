@@ -107,6 +107,7 @@ fn mount_and_serve(mut cfg: Config) -> anyhow::Result<()> {
     }
     // Modes of new objects are exactly what callers ask for; the kernel applied their umask.
     nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+    sys::configure_allocator();
     match sys::raise_nofile_limit() {
         Ok(limit) => dirfd::set_budget_from_limit(limit),
         Err(e) => warn!(error = %e, "cannot raise the open file limit"),
