@@ -11,55 +11,16 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::mountinfo::{mount_at, mounts_under};
+use common::mountinfo::mount_at;
 use common::mounts::{self, DaemonMount, force_unmount, mount_ours_at, mount_ours_foreground};
 use common::{
-    DaemonExit, Layer, Scratch, TmpfsMount, Unmount, mount_ours, os, our_bin, our_fstype,
-    run_with_timeout,
+    DaemonExit, Layer, Scratch, TmpfsMount, Unmount, expect_refused, mount_ours, os, our_bin,
+    our_fstype, run_with_timeout,
 };
 use nix::sys::signal::Signal;
 
 fn timeout() -> Duration {
     Duration::from_secs(30)
-}
-
-/// Run our binary on a setup it must refuse: non-zero exit, exactly one non-empty line on
-/// stderr mentioning at least one of `needles`, nothing mounted at `target` or under `scratch`.
-fn expect_refused(scratch: &Scratch, args: &[OsString], target: &Path, needles: &[&str]) {
-    let out = run_with_timeout(&our_bin(), args, timeout());
-    let mounted = mount_at(target).is_some() || !mounts_under(scratch.path()).is_empty();
-    if mounted {
-        for m in mounts_under(scratch.path()) {
-            force_unmount(&m.mount_point);
-        }
-        force_unmount(target);
-    }
-    let mut problems = Vec::new();
-    match out.status {
-        None => problems.push("did not exit within the timeout (killed)".to_string()),
-        Some(s) if s.success() => problems.push("exited 0".to_string()),
-        Some(_) => {}
-    }
-    if mounted {
-        problems.push("left a mount behind".to_string());
-    }
-    let err = out.stderr.trim_end_matches('\n');
-    let lines: Vec<&str> = err.lines().collect();
-    if lines.len() != 1 || lines[0].trim().is_empty() {
-        problems.push(format!("stderr has {} lines, want exactly 1", lines.len()));
-    }
-    if !needles.iter().any(|n| err.contains(n)) {
-        problems.push(format!("stderr mentions none of {needles:?}"));
-    }
-    assert!(
-        problems.is_empty(),
-        "{} {:?}: {}\n  exit: {:?}\n  stderr: {:?}",
-        our_bin().display(),
-        args,
-        problems.join("; "),
-        out.status,
-        out.stderr
-    );
 }
 
 fn s(p: &Path) -> String {

@@ -298,22 +298,11 @@ fn metacopy_with_redirects_off_is_refused() {
         u.display(),
         w.display()
     );
-    let out = common::run_with_timeout(
-        &common::our_bin(),
+    // One line naming both options, non-zero exit, nothing mounted.
+    common::expect_refused(
+        &scratch,
         &[common::os("-o"), common::os(&opts), common::os(&mnt)],
-        common::wait_deadline(),
-    );
-    assert!(
-        out.status.is_some_and(|s| !s.success()),
-        "the mount must fail: {out:?}"
-    );
-    let stderr = &out.stderr;
-    assert!(
-        stderr.contains("conflicting options") && stderr.contains("redirect_dir=off"),
-        "one clear line naming the conflict, got: {stderr}"
-    );
-    assert!(
-        !common::mountinfo::is_mounted(&mnt),
-        "nothing may be mounted"
+        &mnt,
+        &["conflicting options: metacopy=on needs redirect_dir=on, not redirect_dir=off"],
     );
 }

@@ -183,3 +183,43 @@ pub fn run_with_timeout_env<A: AsRef<std::ffi::OsStr>>(
         stderr: read(&mut err),
     }
 }
+
+/// Run our binary on a setup it must refuse: non-zero exit, exactly one non-empty line on
+/// stderr mentioning at least one of `needles`, nothing mounted at `target` or under `scratch`.
+pub fn expect_refused(scratch: &Scratch, args: &[OsString], target: &Path, needles: &[&str]) {
+    let out = run_with_timeout(&our_bin(), args, wait_deadline());
+    let mounted = mountinfo::mount_at(target).is_some()
+        || !mountinfo::mounts_under(scratch.path()).is_empty();
+    if mounted {
+        for m in mountinfo::mounts_under(scratch.path()) {
+            mounts::force_unmount(&m.mount_point);
+        }
+        mounts::force_unmount(target);
+    }
+    let mut problems = Vec::new();
+    match out.status {
+        None => problems.push("did not exit within the timeout (killed)".to_string()),
+        Some(s) if s.success() => problems.push("exited 0".to_string()),
+        Some(_) => {}
+    }
+    if mounted {
+        problems.push("left a mount behind".to_string());
+    }
+    let err = out.stderr.trim_end_matches('\n');
+    let lines: Vec<&str> = err.lines().collect();
+    if lines.len() != 1 || lines[0].trim().is_empty() {
+        problems.push(format!("stderr has {} lines, want exactly 1", lines.len()));
+    }
+    if !needles.iter().any(|n| err.contains(n)) {
+        problems.push(format!("stderr mentions none of {needles:?}"));
+    }
+    assert!(
+        problems.is_empty(),
+        "{} {:?}: {}\n  exit: {:?}\n  stderr: {:?}",
+        our_bin().display(),
+        args,
+        problems.join("; "),
+        out.status,
+        out.stderr
+    );
+}
