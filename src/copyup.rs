@@ -186,21 +186,20 @@ impl Overlay {
         // `index=on`: a hard link's copy goes into the index first, so that every other name
         // of it finds the copy from now on (and after a crash between the two steps).
         let indexed = st.st_nlink > 1 && st.st_mode & libc::S_IFMT != libc::S_IFDIR;
-        let index_links = match &origin {
-            Some(origin) if indexed && self.stack.index.is_some() => {
+        // The copy's index entry (`index=on`, a hard link), and whether this name is already a
+        // link of an existing copy instead of the one just built.
+        let (index_links, linked_to_existing) = match (&origin, &self.stack.index) {
+            (Some(origin), Some(index)) if indexed => {
+                let entry = origin.index_name();
                 match self.index_new_copy(work.fd(), &tmp, origin) {
-                    Ok(false) => Some(origin.index_name()),
+                    Ok(false) => (Some(entry), false),
                     Ok(true) => {
                         // Another name's copy is there already (made before a crash): this
                         // name becomes one of its names instead.
                         work.discard(&tmp);
-                        let entry = origin.index_name();
-                        let index = self.index_location(&entry)?;
-                        let Location::Entry(index_dir, _) = index else {
-                            return Err(errno(libc::EIO));
-                        };
-                        self.link_up(&index_dir, &entry, parent, name)?;
-                        Some(entry)
+                        self.link_up(index, &entry, parent, name)?;
+                        tracing::debug!(entry = ?entry, "linked to the copy in the index");
+                        (Some(entry), true)
                     }
                     Err(e) => {
                         work.discard(&tmp);
@@ -208,16 +207,14 @@ impl Overlay {
                     }
                 }
             }
-            _ => None,
+            _ => (None, false),
         };
         let parent_times = layer::stat_fd(fd_of(parent_upper))?;
-        let placed = match &index_links {
-            Some(entry) if layer::stat_at(fd_of(parent_upper), name).is_ok() => {
-                tracing::debug!(entry = ?entry, "linked to the copy in the index");
-                Ok(())
-            }
-            _ => nix::fcntl::renameat(work.fd(), tmp.as_os_str(), fd_of(parent_upper), name)
-                .map_err(io::Error::from),
+        let placed = if linked_to_existing {
+            Ok(())
+        } else {
+            nix::fcntl::renameat(work.fd(), tmp.as_os_str(), fd_of(parent_upper), name)
+                .map_err(io::Error::from)
         };
         if let Err(e) = placed {
             work.discard(&tmp);
