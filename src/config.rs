@@ -100,6 +100,21 @@ pub enum UuidMode {
     Auto,
 }
 
+/// `passthrough=`: which open files the kernel reads and writes itself (FUSE passthrough, where
+/// the kernel and our privileges allow it), instead of sending each read and write to us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PassthroughMode {
+    /// Upper and lower files (the default): lower files are cached once, by their own
+    /// filesystem, however many mounts read them. A reader open before a copy-up keeps
+    /// reading the lower file.
+    All,
+    /// Only files in the upper: a lower file open before a copy-up reads the copy from then
+    /// on, as under the kernel's overlay.
+    Upper,
+    /// None.
+    Off,
+}
+
 /// Everything a mount needs to know, as given on the command line.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -141,6 +156,8 @@ pub struct Config {
     pub threads: Option<usize>,
     /// Entry and attribute cache timeout in seconds (fuse-overlayfs's `timeout=`).
     pub timeout: Option<f64>,
+    /// `passthrough=all|upper|off`.
+    pub passthrough: PassthroughMode,
     /// fuse-overlayfs's `uidmapping=`/`gidmapping=` and `squash_to_*`: ids on disk against ids
     /// shown through the mount.
     pub uid_ranges: Vec<IdRange>,
@@ -218,6 +235,7 @@ impl Config {
             caps: crate::quota::Caps::default(),
             threads: None,
             timeout: None,
+            passthrough: PassthroughMode::All,
             uid_ranges: Vec::new(),
             gid_ranges: Vec::new(),
             squash_to_root: false,
@@ -438,6 +456,7 @@ fn apply_option(key: &str, value: Option<&str>, cfg: &mut Config) -> Result<(), 
             cfg.redirect_dir_given = true;
         }
         "metacopy" => cfg.metacopy = parse_on_off(key, required(key, value)?)?,
+        "passthrough" => cfg.passthrough = parse_passthrough(required(key, value)?)?,
         "index" => cfg.index = parse_on_off(key, required(key, value)?)?,
         "xino" => apply_xino(required(key, value)?, cfg)?,
         "uuid" => cfg.uuid = parse_uuid(value.unwrap_or(""))?,
@@ -622,6 +641,17 @@ fn apply_xino(value: &str, cfg: &mut Config) -> Result<(), ConfigError> {
 }
 
 /// A kernel option's `on`/`off`.
+fn parse_passthrough(value: &str) -> Result<PassthroughMode, ConfigError> {
+    match value {
+        "all" => Ok(PassthroughMode::All),
+        "upper" => Ok(PassthroughMode::Upper),
+        "off" => Ok(PassthroughMode::Off),
+        _ => err(format!(
+            "option 'passthrough' needs all, upper or off, not '{value}'"
+        )),
+    }
+}
+
 fn parse_on_off(key: &str, value: &str) -> Result<bool, ConfigError> {
     match value {
         "on" => Ok(true),
@@ -795,6 +825,15 @@ mod tests {
             ("upper_limit=4096", false, |c| c.caps.bytes == Some(4096)),
             ("upper_inodes=200", false, |c| c.caps.inodes == Some(200)),
             ("timeout=0", false, |c| c.timeout == Some(0.0)),
+            ("passthrough=upper", false, |c| {
+                c.passthrough == PassthroughMode::Upper
+            }),
+            ("passthrough=off", false, |c| {
+                c.passthrough == PassthroughMode::Off
+            }),
+            ("passthrough=all", false, |c| {
+                c.passthrough == PassthroughMode::All
+            }),
             ("timeout=1.5", false, |c| c.timeout == Some(1.5)),
             ("timeout=1000000000", false, |c| c.timeout == Some(1e9)),
         ];
@@ -978,6 +1017,10 @@ mod tests {
             (
                 "timeout=soon",
                 "option 'timeout' needs a number of seconds (0 or more), not 'soon'",
+            ),
+            (
+                "passthrough=lower",
+                "option 'passthrough' needs all, upper or off, not 'lower'",
             ),
             (
                 "timeout=-1",

@@ -5,6 +5,7 @@
 use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -18,7 +19,9 @@ use fuser::{
 use tracing::{debug, warn};
 
 use crate::attr::{Attr, Caller};
+use crate::config::PassthroughMode;
 use crate::idmap::{IdMaps, is_acl_xattr, map_acl};
+use crate::nodeids::NodeIds;
 use crate::overlay::Overlay;
 use crate::passthrough::{OpenMode, Passthrough};
 use crate::write::{SetAttr, TimeSet};
@@ -37,6 +40,8 @@ pub struct Presentation {
     pub acl: bool,
     /// Extended attributes at all (`noxattrs=1` turns them off).
     pub xattrs: bool,
+    /// Which open files the kernel reads and writes itself (`passthrough=`).
+    pub passthrough: PassthroughMode,
 }
 
 impl Presentation {
@@ -48,6 +53,7 @@ impl Presentation {
             static_nlink: false,
             acl: true,
             xattrs: true,
+            passthrough: PassthroughMode::All,
         }
     }
 }
@@ -57,6 +63,7 @@ impl Presentation {
 pub struct FuseAdapter {
     overlay: Overlay,
     passthrough: Passthrough,
+    ids: NodeIds,
     ttl: Duration,
     show: Presentation,
 }
@@ -70,9 +77,15 @@ impl FuseAdapter {
         FuseAdapter {
             overlay,
             passthrough: Passthrough::default(),
+            ids: NodeIds::default(),
             ttl: show.ttl,
             show,
         }
+    }
+
+    /// The object the kernel means by node id `id` (see `nodeids`).
+    fn node(&self, id: INodeNo) -> INodeNo {
+        INodeNo(self.ids.ino(id.0))
     }
 
     /// The caller, with its ids as stored on disk.
@@ -214,9 +227,10 @@ fn time_set(t: Option<TimeOrNow>) -> TimeSet {
 }
 
 impl FuseAdapter {
-    /// How the handle `fh` just opened on `ino` is served (see `passthrough`).
+    /// How the handle `fh` just opened on object `ino`, kernel inode `nodeid`, is served.
     fn open_mode(
         &self,
+        nodeid: u64,
         ino: u64,
         fh: u64,
         flags: i32,
@@ -226,23 +240,51 @@ impl FuseAdapter {
             return OpenMode::Cached;
         }
         // Passthrough writes carry the caller's O_SYNC/O_DSYNC to the upper; where syncs are
-        // skipped (volatile, fsync=0) such an open is served by us, who drop those flags, unless
-        // the file's other opens already pass through (the kernel cannot mix the two).
-        let syncing_writes = flags & libc::O_DSYNC != 0 && !self.overlay.opts().sync;
+        // skipped (volatile, fsync=0) such an open is served by us, who drop those flags. Under
+        // a size cap writes must reach us to be counted. Lower files are only ever read.
+        let opts = self.overlay.opts();
+        let syncing_writes = flags & libc::O_DSYNC != 0 && !opts.sync;
+        let upper_may_pass = !syncing_writes && opts.caps.bytes.is_none();
+        let lower_may_pass = self.show.passthrough == PassthroughMode::All;
         self.overlay
             .with_file(ino, fh, |file, in_upper| {
-                let may_pass = in_upper && !syncing_writes;
+                let may_pass = if in_upper {
+                    upper_may_pass
+                } else {
+                    lower_may_pass
+                };
+                let want = if may_pass {
+                    let st = file.metadata()?;
+                    Some((st.dev(), st.ino()))
+                } else {
+                    None
+                };
                 Ok(self
                     .passthrough
-                    .open_mode(ino, fh, may_pass, || register(file)))
+                    .open_mode(nodeid, fh, want, || register(file)))
             })
             .unwrap_or(OpenMode::Cached)
+    }
+
+    /// An open on kernel inode `nodeid` met a conflicting backing file: the handle goes, the
+    /// kernel inode is retired, and the caller's path walk retries on ESTALE under a new one.
+    fn retire(&self, nodeid: u64, ino: u64, fh: u64) -> Errno {
+        if let Err(e) = self.overlay.release(ino, fh) {
+            debug!(ino, err = %e, "release of a conflicting open failed");
+        }
+        self.ids.retire(nodeid, ino);
+        Errno::ESTALE
     }
 
     fn reply_entry(&self, op: &'static str, ino: u64, res: io::Result<Attr>, reply: ReplyEntry) {
         log_result(op, ino, &res);
         match res {
-            Ok(attr) => reply.entry(&self.ttl, &self.file_attr(&attr), Generation(0)),
+            Ok(attr) => reply.entry_as(
+                INodeNo(self.ids.introduce(attr.ino)),
+                &self.ttl,
+                &self.file_attr(&attr),
+                Generation(0),
+            ),
             Err(e) => reply.error(to_errno(op, &e)),
         }
     }
@@ -298,8 +340,13 @@ impl Filesystem for FuseAdapter {
         } else {
             1
         };
-        // Writes through passthrough never reach us, so a capped mount could not refuse them.
-        if self.overlay.opts().caps.bytes.is_none()
+        // Writes through passthrough never reach us, so a capped mount passes lower files only.
+        let wanted = match self.show.passthrough {
+            PassthroughMode::Off => false,
+            PassthroughMode::Upper => self.overlay.opts().caps.bytes.is_none(),
+            PassthroughMode::All => true,
+        };
+        if wanted
             && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
             && config.set_max_stack_depth(depth).is_ok()
         {
@@ -323,10 +370,16 @@ impl Filesystem for FuseAdapter {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.overlay.forget(ino.0, nlookup);
+        let object = self.ids.ino(ino.0);
+        self.ids.forget(ino.0, nlookup);
+        self.overlay.forget(object, nlookup);
+        if self.ids.in_use() && !self.overlay.knows(object) {
+            self.ids.drop_object(object);
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let ino = self.node(ino);
         let res = self.overlay.getattr(ino.0, fh.map(|f| f.0));
         log_result("getattr", ino.0, &res);
         match res {
@@ -353,6 +406,7 @@ impl Filesystem for FuseAdapter {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let ino = self.node(ino);
         let set = SetAttr {
             mode,
             uid: uid.map(|u| self.show.ids.uids.disk(u)),
@@ -379,6 +433,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let ino = self.node(ino);
         let res = self.overlay.readlink(ino.0);
         log_result("readlink", ino.0, &res);
         match res {
@@ -476,6 +531,7 @@ impl Filesystem for FuseAdapter {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let ino = self.node(ino);
         let res = self
             .overlay
             .link(ino.0, newparent.0, newname, &self.caller(req));
@@ -483,19 +539,22 @@ impl Filesystem for FuseAdapter {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let nodeid = ino.0;
+        let ino = self.node(ino);
         let res = self.overlay.open(ino.0, flags.0, &self.caller(req));
         log_result("open", ino.0, &res);
         let (fh, lower) = match res {
             Ok(opened) => opened,
             Err(e) => return reply.error(to_errno("open", &e)),
         };
-        match self.open_mode(ino.0, fh, flags.0, |file| reply.open_backing(file)) {
+        match self.open_mode(nodeid, ino.0, fh, flags.0, |file| reply.open_backing(file)) {
             OpenMode::Passthrough(id) => {
                 reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id)
             }
             // A lower file cannot change under us: its page cache stays valid across opens.
             OpenMode::Cached if lower => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
             OpenMode::Cached => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            OpenMode::Conflict => reply.error(self.retire(nodeid, ino.0, fh)),
         }
     }
 
@@ -510,6 +569,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let ino = self.node(ino);
         let res = self.overlay.read(ino.0, fh.0, offset, size);
         crate::stats::request("read", res.is_err());
         match res {
@@ -536,6 +596,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let ino = self.node(ino);
         let res = self.overlay.write(ino.0, fh.0, offset, data);
         crate::stats::request("write", res.is_err());
         match res {
@@ -553,13 +614,14 @@ impl Filesystem for FuseAdapter {
     fn flush(
         &self,
         _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
+        _ino: INodeNo,
+        _fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        let res = self.overlay.flush(ino.0, fh.0);
-        Self::reply_empty("flush", ino.0, res, reply);
+        // Nothing to flush: no write-back cache, and locks are the kernel's. ENOSYS makes the
+        // kernel stop sending FLUSH at all, which saves a round trip on every close.
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(
@@ -572,6 +634,7 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let ino = self.node(ino);
         self.passthrough.release(fh.0);
         let res = self.overlay.release(ino.0, fh.0);
         Self::reply_empty("release", ino.0, res, reply);
@@ -585,11 +648,13 @@ impl Filesystem for FuseAdapter {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let ino = self.node(ino);
         let res = self.overlay.fsync(ino.0, fh.0, datasync);
         Self::reply_empty("fsync", ino.0, res, reply);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let ino = self.node(ino);
         let res = self.overlay.opendir(ino.0);
         log_result("opendir", ino.0, &res);
         match res {
@@ -611,6 +676,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let ino = self.node(ino);
         let res = self.overlay.readdir_at(ino.0, fh.0, offset);
         log_result("readdir", ino.0, &res);
         match res {
@@ -640,6 +706,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let ino = self.node(ino);
         let res = self.overlay.readdir_at(ino.0, fh.0, offset);
         log_result("readdirplus", ino.0, &res);
         let entries = match res {
@@ -662,8 +729,13 @@ impl Filesystem for FuseAdapter {
                     Err(_) => continue,
                 }
             };
+            let nodeid = if is_dot {
+                fattr.ino.0
+            } else {
+                self.ids.introduce(fattr.ino.0)
+            };
             let full = reply.add(
-                fattr.ino,
+                INodeNo(nodeid),
                 (i + 1) as u64,
                 &e.name,
                 &self.ttl,
@@ -672,6 +744,7 @@ impl Filesystem for FuseAdapter {
             );
             if full {
                 if !is_dot {
+                    self.ids.forget(nodeid, 1);
                     self.overlay.forget(fattr.ino.0, 1);
                 }
                 break;
@@ -688,6 +761,7 @@ impl Filesystem for FuseAdapter {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        let ino = self.node(ino);
         let res = self.overlay.releasedir(ino.0, fh.0);
         Self::reply_empty("releasedir", ino.0, res, reply);
     }
@@ -700,11 +774,13 @@ impl Filesystem for FuseAdapter {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let ino = self.node(ino);
         let res = self.overlay.fsyncdir(ino.0, datasync);
         Self::reply_empty("fsyncdir", ino.0, res, reply);
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        let ino = self.node(ino);
         let res = self.overlay.statfs();
         log_result("statfs", ino.0, &res);
         match res {
@@ -725,6 +801,7 @@ impl Filesystem for FuseAdapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let ino = self.node(ino);
         let res = self.xattr_allowed(name).and_then(|()| {
             let mut value = value.to_vec();
             self.map_acl_value(name, &mut value, true);
@@ -735,6 +812,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let ino = self.node(ino);
         if ino.0 == crate::node::ROOT_INO && name == crate::usage::USAGE_XATTR {
             let res = self.overlay.upper_usage().map(|u| u.line().into_bytes());
             return reply_xattr("getxattr", ino.0, res, size, reply);
@@ -748,6 +826,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let ino = self.node(ino);
         let res = self
             .xattr_allowed(OsStr::new(""))
             .and_then(|()| self.overlay.listxattr(ino.0, &self.caller(req)));
@@ -755,6 +834,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let ino = self.node(ino);
         let res = self
             .xattr_allowed(name)
             .and_then(|()| self.overlay.removexattr(ino.0, name, &self.caller(req)));
@@ -762,6 +842,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let ino = self.node(ino);
         let mut who = Caller::with_groups(req.uid(), req.gid(), req.pid());
         let ids = &self.show.ids;
         who.uid = ids.uids.disk(who.uid);
@@ -792,9 +873,13 @@ impl Filesystem for FuseAdapter {
             Err(e) => return reply.error(to_errno("create", &e)),
         };
         let fattr = self.file_attr(&attr);
+        let nodeid = self.ids.introduce(attr.ino);
         let (fh, generation) = (FileHandle(fh), Generation(0));
-        match self.open_mode(attr.ino, fh.0, flags, |file| reply.open_backing(file)) {
-            OpenMode::Passthrough(id) => reply.created_passthrough(
+        match self.open_mode(nodeid, attr.ino, fh.0, flags, |file| {
+            reply.open_backing(file)
+        }) {
+            OpenMode::Passthrough(id) => reply.created_passthrough_as(
+                INodeNo(nodeid),
                 &self.ttl,
                 &fattr,
                 generation,
@@ -802,8 +887,19 @@ impl Filesystem for FuseAdapter {
                 FopenFlags::empty(),
                 &id,
             ),
-            OpenMode::Cached => {
-                reply.created(&self.ttl, &fattr, generation, fh, FopenFlags::empty())
+            OpenMode::Cached => reply.created_as(
+                INodeNo(nodeid),
+                &self.ttl,
+                &fattr,
+                generation,
+                fh,
+                FopenFlags::empty(),
+            ),
+            OpenMode::Conflict => {
+                // The entry is not introduced after all: undo its lookup.
+                self.ids.forget(nodeid, 1);
+                self.overlay.forget(attr.ino, 1);
+                reply.error(self.retire(nodeid, attr.ino, fh.0))
             }
         }
     }
@@ -818,6 +914,7 @@ impl Filesystem for FuseAdapter {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let ino = self.node(ino);
         let res = self.overlay.fallocate(ino.0, fh.0, offset, length, mode);
         Self::reply_empty("fallocate", ino.0, res, reply);
     }
@@ -831,6 +928,7 @@ impl Filesystem for FuseAdapter {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        let ino = self.node(ino);
         let res = self.overlay.lseek(ino.0, fh.0, offset, whence);
         log_result("lseek", ino.0, &res);
         match res {
@@ -852,6 +950,7 @@ impl Filesystem for FuseAdapter {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        let (ino_in, ino_out) = (self.node(ino_in), self.node(ino_out));
         let res = self.overlay.copy_file_range(
             (ino_in.0, fh_in.0, offset_in),
             (ino_out.0, fh_out.0, offset_out),

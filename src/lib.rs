@@ -22,6 +22,7 @@ pub mod logging;
 pub mod lookup;
 pub mod metacopy;
 pub mod node;
+pub mod nodeids;
 pub mod overlay;
 pub mod passthrough;
 pub mod preflight;

@@ -121,6 +121,7 @@ fn mount_and_serve(mut cfg: Config) -> anyhow::Result<()> {
         static_nlink: cfg.static_nlink,
         acl: cfg.acl,
         xattrs: cfg.xattrs,
+        passthrough: cfg.passthrough,
         ..Presentation::new(ttl)
     };
     let adapter = FuseAdapter::new(overlay, show);

@@ -165,6 +165,11 @@ impl Overlay {
         self.nodes.get(ino).ok_or_else(|| errno(libc::ESTALE))
     }
 
+    /// Whether the kernel still holds object `ino` (it has not forgotten every lookup of it).
+    pub fn knows(&self, ino: Ino) -> bool {
+        self.nodes.get(ino).is_some()
+    }
+
     pub(crate) fn dir_layers(node: &Node) -> io::Result<Vec<DirLayer>> {
         match &node.state().backing {
             Backing::Dir(layers) => Ok(layers.clone()),

@@ -1,12 +1,14 @@
 //! FUSE passthrough (kernel ≥ 6.9, CAP_SYS_ADMIN): the kernel reads and writes an open file's
-//! backing file directly, so data never crosses the daemon.
+//! backing file directly, so data never crosses the daemon, and a lower file read through
+//! several mounts is cached once, in the lower filesystem.
 //!
-//! The kernel requires every open of an inode that has a backing file to pass through to that
-//! same file, and refuses to mix passthrough with cached opens (the open fails with EIO). A
+//! The kernel ties a FUSE inode with passthrough opens to their backing file: every other open
+//! of it must pass through to that same file, and cached opens are refused meanwhile (EIO). A
 //! lower file may be copied up while a reader holds it open, and the writer then needs the upper
-//! copy: two backing files for one inode. So only files already in the upper pass through (an
-//! upper file never goes back to a lower one); lower files are served through the page cache,
-//! and a node keeps the mode of its first open for as long as any of its opens lasts.
+//! copy. Such an open is a conflict: the caller retires the kernel inode (see `nodeids`) and the
+//! open is retried under a new one. The reader keeps reading the lower file, as under
+//! fuse-overlayfs and kernels before 4.19 (`passthrough=upper` passes only upper files through,
+//! so a reader follows the copy-up as under today's kernel).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,29 +18,34 @@ use fuser::BackingId;
 use parking_lot::Mutex;
 use tracing::{debug, info};
 
-use crate::node::Ino;
-
 /// How one open is served.
 pub enum OpenMode {
     /// Through the kernel's page cache with reads and writes sent to us (no passthrough).
     Cached,
     /// Straight to this backing file by the kernel.
     Passthrough(Arc<BackingId>),
+    /// The kernel inode is tied to another backing file by opens still alive: it must be
+    /// retired and the open retried under a new one.
+    Conflict,
 }
 
-/// The mode a node's opens share while any lasts.
+/// Which file backs an open: (st_dev, st_ino) of the file we opened.
+pub type FileKey = (u64, u64);
+
+/// The mode a kernel inode's opens share while any lasts.
 struct NodeBacking {
-    /// `None` while the node's opens are cached.
-    id: Option<Arc<BackingId>>,
+    /// `None` while the inode's opens are cached.
+    id: Option<(Arc<BackingId>, FileKey)>,
     opens: usize,
 }
 
 #[derive(Default)]
 pub struct Passthrough {
     enabled: AtomicBool,
-    nodes: Mutex<HashMap<Ino, NodeBacking>>,
-    /// Which node each passthrough or direct-I/O handle belongs to, for release.
-    handles: Mutex<HashMap<u64, Ino>>,
+    /// By kernel node id: the kernel ties backing files to its inodes, not to our objects.
+    nodes: Mutex<HashMap<u64, NodeBacking>>,
+    /// Which kernel inode each handle was opened on, for release.
+    handles: Mutex<HashMap<u64, u64>>,
 }
 
 impl std::fmt::Debug for Passthrough {
@@ -58,67 +65,63 @@ impl Passthrough {
         self.enabled.load(Ordering::Relaxed)
     }
 
-    /// Decides how handle `fh` of node `ino` is served: passthrough only if the node's first
-    /// open may pass (`may_pass`: a file in the upper, opened without sync writes we must
-    /// drop); `register` turns the open fd into a backing id when a new one is needed.
+    /// Decides how handle `fh`, opened on kernel inode `nodeid`, is served. `want` is the file
+    /// it may pass through to (`None`: it must be cached, see `FuseAdapter::open_mode`);
+    /// `register` turns the open fd into a backing id when a new one is needed.
     pub fn open_mode(
         &self,
-        ino: Ino,
+        nodeid: u64,
         fh: u64,
-        may_pass: bool,
+        want: Option<FileKey>,
         register: impl FnOnce() -> std::io::Result<BackingId>,
     ) -> OpenMode {
         if !self.is_enabled() {
             return OpenMode::Cached;
         }
         let mut nodes = self.nodes.lock();
-        let id = match nodes.get_mut(&ino) {
-            Some(b) => {
-                b.opens += 1;
-                b.id.clone()
-            }
+        let mode = match nodes.get_mut(&nodeid) {
+            // Cached opens stay cached: the kernel would refuse a passthrough one beside them.
+            Some(b) if b.id.is_none() => OpenMode::Cached,
+            Some(b) => match (&b.id, want) {
+                (Some((id, key)), Some(want)) if *key == want => OpenMode::Passthrough(id.clone()),
+                _ => return OpenMode::Conflict,
+            },
             None => {
-                let id = if may_pass {
-                    match register() {
-                        Ok(id) => Some(Arc::new(id)),
-                        Err(e) => {
-                            // Most likely no CAP_SYS_ADMIN or an older kernel: stop trying.
-                            info!(error = %e, "FUSE passthrough unavailable, serving reads and writes");
-                            self.enabled.store(false, Ordering::Relaxed);
-                            None
-                        }
+                let id = want.and_then(|key| match register() {
+                    Ok(id) => Some((Arc::new(id), key)),
+                    Err(e) => {
+                        // Most likely no CAP_SYS_ADMIN or an older kernel: stop trying.
+                        info!(error = %e, "FUSE passthrough unavailable, serving reads and writes");
+                        self.enabled.store(false, Ordering::Relaxed);
+                        None
                     }
-                } else {
-                    None
+                });
+                let mode = match &id {
+                    Some((id, _)) => OpenMode::Passthrough(id.clone()),
+                    None => OpenMode::Cached,
                 };
-                nodes.insert(
-                    ino,
-                    NodeBacking {
-                        id: id.clone(),
-                        opens: 1,
-                    },
-                );
-                id
+                nodes.insert(nodeid, NodeBacking { id, opens: 0 });
+                mode
             }
         };
-        self.handles.lock().insert(fh, ino);
-        match id {
-            Some(id) => OpenMode::Passthrough(id),
-            None => OpenMode::Cached,
+        if let Some(b) = nodes.get_mut(&nodeid) {
+            b.opens += 1;
         }
+        self.handles.lock().insert(fh, nodeid);
+        mode
     }
 
     /// Forgets handle `fh`; the node's backing file is released with its last open.
     pub fn release(&self, fh: u64) {
-        let Some(ino) = self.handles.lock().remove(&fh) else {
+        let Some(nodeid) = self.handles.lock().remove(&fh) else {
             return;
         };
         let mut nodes = self.nodes.lock();
-        if let Some(b) = nodes.get_mut(&ino) {
+        if let Some(b) = nodes.get_mut(&nodeid) {
             b.opens -= 1;
             if b.opens == 0 {
-                nodes.remove(&ino);
-                debug!(ino, "backing file released");
+                nodes.remove(&nodeid);
+                debug!(nodeid, "backing file released");
             }
         }
     }

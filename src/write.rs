@@ -1166,10 +1166,6 @@ impl Overlay {
         })
     }
 
-    pub fn flush(&self, ino: Ino, fh: u64) -> io::Result<()> {
-        self.with_file(ino, fh, |_, _| Ok(()))
-    }
-
     pub fn fsync(&self, ino: Ino, fh: u64, datasync: bool) -> io::Result<()> {
         if !self.opts.sync {
             return Ok(());

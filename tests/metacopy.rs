@@ -199,7 +199,8 @@ fn xattr_names(path: &Path) -> Vec<String> {
 }
 
 /// A file open for reading before its data is copied up reads what is written after, on
-/// both (the kernel's overlay reopens its real file at the next read).
+/// both (the kernel's overlay reopens its real file at the next read; ours with
+/// `passthrough=upper`, see tests/passthrough.rs for the default).
 #[test]
 fn a_reader_follows_the_data_copy_up() {
     if !common::require_root_and_fuse() {
@@ -242,7 +243,7 @@ fn a_reader_follows_the_data_copy_up() {
     let m = mount_ours(
         &[lower.root()],
         Some((&scratch.dir("u"), &scratch.dir("w"))),
-        &["metacopy=on"],
+        &["metacopy=on", "passthrough=upper"],
     );
     check(m.path(), "ours");
 }

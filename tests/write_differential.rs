@@ -415,8 +415,10 @@ fn lower_hard_links_stay_together() {
     );
 }
 
-/// A file opened read-only in a lower layer and copied up while open reads the copy from then
-/// on, as under the kernel (whose overlay moves an open file to its copy at the next use):
+/// With `passthrough=upper`, a file opened read-only in a lower layer and copied up while open
+/// reads the copy from then on, as under the kernel (whose overlay moves an open file to its copy
+/// at the next use; by default lower files pass through and such a reader keeps the lower file,
+/// see tests/passthrough.rs):
 /// what is written to the copy by path, a truncation by path, and the truncation of an
 /// `O_RDONLY|O_TRUNC` open (which FUSE sends as a setattr after opening the lower file; seed
 /// 7508 of `all_ops_match_kernel` read the lower file's data through it, or nothing past it).
@@ -493,7 +495,7 @@ fn reader_follows_copy_up() {
                 assert!(m.unmount(), "kernel overlay unmount failed");
             }
             Impl::Ours => {
-                let m = common::mount_ours(&lowers, Some((&upper, &work)), &[]);
+                let m = common::mount_ours(&lowers, Some((&upper, &work)), &["passthrough=upper"]);
                 scenario(m.path(), &mut seen);
                 let ended = m.unmount();
                 assert_eq!(
