@@ -149,15 +149,14 @@ pub enum XattrTarget<'a> {
 }
 
 impl XattrTarget<'_> {
-    /// Runs `f` on the object: a directory through its fd, an entry through
-    /// `/proc/self/fd/<dir>/<name>` with the `l*` calls.
+    /// Runs `f` on the object: a directory through its fd, an entry by its name (one
+    /// component, never followed) inside its directory's fd.
     fn with<T>(&self, f: impl FnOnce(sys::XattrAt<'_>) -> io::Result<T>) -> io::Result<T> {
         match *self {
             XattrTarget::Dir(fd) => f(sys::XattrAt::Fd(fd)),
             XattrTarget::Entry(dir, name) => {
-                cname(name)?;
-                let path = sys::proc_path(dir, Some(name))?;
-                f(sys::XattrAt::Path(&path))
+                let name = cname(name)?;
+                f(sys::XattrAt::Entry(dir, &name))
             }
         }
     }
