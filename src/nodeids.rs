@@ -54,9 +54,10 @@ impl NodeIds {
     /// The node id under which `ino` is introduced to the kernel by a reply that counts as a
     /// lookup (lookup, create, readdirplus...), counting that lookup on an alias.
     pub fn introduce(&self, ino: Ino) -> u64 {
-        if !self.used.load(Ordering::Acquire) {
+        if !self.used.load(Ordering::Acquire) || !self.aliases.read().current.contains_key(&ino) {
             return ino;
         }
+        // Rechecked under the write lock: the alias may have gone in between.
         let mut aliases = self.aliases.write();
         let Some(&alias) = aliases.current.get(&ino) else {
             return ino;

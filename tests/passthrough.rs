@@ -239,3 +239,85 @@ fn a_writer_opens_a_lower_file_that_a_reader_holds() {
         );
     }
 }
+
+/// Readers and writers race on 200 lower files: readers open and read them, each keeping its
+/// last 16 open (through passthrough to the lower file until it is copied up, so writers keep
+/// meeting kernel inodes tied to lower files), writers append a line each. No error
+/// reaches either (a retired kernel inode's ESTALE is retried by the kernel), and every line
+/// appended is in the upper copy, once.
+#[test]
+fn readers_and_writers_race_on_lower_files() {
+    use std::io::Write;
+    if !common::require_root_and_fuse() || !kernel_has_passthrough() {
+        return;
+    }
+    let _quiet = QUIET.lock().unwrap_or_else(|e| e.into_inner());
+    const FILES: usize = 200;
+    let scratch = Scratch::new();
+    let lower = Layer::new(scratch.join("l"));
+    for i in 0..FILES {
+        lower.file(&format!("f{i}"), format!("lower {i}\n"));
+    }
+    let (upper, work) = (scratch.dir("u"), scratch.dir("w"));
+    let m = mount_ours(&[lower.root()], Some((&upper, &work)), &[]);
+    let root = m.path().to_path_buf();
+    let errors = std::thread::scope(|s| {
+        let mut workers = Vec::new();
+        for seed in 0..6u64 {
+            let root = &root;
+            workers.push(s.spawn(move || {
+                let mut rng = common::prng::Rng::new(seed + 1);
+                let mut errors = Vec::new();
+                let mut held = std::collections::VecDeque::new();
+                for _ in 0..if seed < 4 { 1000 } else { 500 } {
+                    let i = rng.below(FILES as u64);
+                    let path = root.join(format!("f{i}"));
+                    let res = if seed < 4 {
+                        File::open(&path).and_then(|f| {
+                            pread_all_checked(&f)?;
+                            held.push_back(f);
+                            if held.len() > 16 {
+                                held.pop_front();
+                            }
+                            Ok(())
+                        })
+                    } else {
+                        OpenOptions::new()
+                            .append(true)
+                            .open(&path)
+                            .and_then(|mut f| f.write_all(format!("{seed}\n").as_bytes()))
+                    };
+                    if let Err(e) = res {
+                        errors.push(format!("{}: {e}", path.display()));
+                    }
+                }
+                errors
+            }));
+        }
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("worker panicked"))
+            .collect::<Vec<_>>()
+    });
+    assert!(errors.is_empty(), "errors reached callers: {errors:?}");
+    let mut appended = 0;
+    for i in 0..FILES {
+        let merged = std::fs::read_to_string(root.join(format!("f{i}"))).expect("read merged");
+        assert!(
+            merged.starts_with(&format!("lower {i}\n")),
+            "f{i}: {merged:?}"
+        );
+        appended += merged.lines().count() - 1;
+    }
+    assert_eq!(appended, 2 * 500, "every appended line is there, once");
+    assert_eq!(
+        m.unmount().daemon,
+        DaemonExit::Exited(0),
+        "daemon ended badly"
+    );
+}
+
+fn pread_all_checked(f: &File) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 4096];
+    f.read_at(&mut buf, 0).map(|_| ())
+}
