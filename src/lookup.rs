@@ -5,7 +5,7 @@
 use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use nix::sys::stat::FileStat;
 
@@ -27,9 +27,19 @@ pub struct Resolved {
     /// For a directory with an upper copy merged with lower ones: the first lower copy's
     /// layer and inode number, which the kernel reports (and records as origin) for it.
     pub merge_origin: Option<(LayerId, u64)>,
+    /// The lower object `origin` names, once looked for: one operation asks several times
+    /// (inode number, other nodes of the name) and each search opens it by handle.
+    origin_target: OnceLock<Option<(LayerId, FileStat)>>,
 }
 
 impl Resolved {
+    /// The lower object the origin record names, if any is found (see `Stack::find_origin`).
+    pub fn origin_target(&self, stack: &Stack) -> Option<(LayerId, FileStat)> {
+        *self
+            .origin_target
+            .get_or_init(|| self.origin.as_ref().and_then(|o| stack.find_origin(o)))
+    }
+
     /// True for a directory made of more than one layer's copy (the kernel reports nlink 1).
     pub fn is_merged_dir(&self) -> bool {
         matches!(&self.backing, Backing::Dir(layers) if layers.len() > 1)
@@ -148,6 +158,7 @@ pub fn resolve(stack: &Stack, parent: &[DirLayer], name: &OsStr) -> io::Result<O
                 top: dl.layer,
                 origin,
                 merge_origin: None,
+                origin_target: OnceLock::new(),
             };
             let last_layer = dl.layer + 1 == stack.layers.len();
             if st.st_mode & libc::S_IFMT != libc::S_IFREG
@@ -197,6 +208,7 @@ pub fn resolve(stack: &Stack, parent: &[DirLayer], name: &OsStr) -> io::Result<O
         top,
         origin,
         merge_origin,
+        origin_target: OnceLock::new(),
     }))
 }
 

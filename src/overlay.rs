@@ -326,9 +326,7 @@ impl Overlay {
     ) -> Vec<Arc<Node>> {
         let primary = self.ino_of(r);
         let mut candidates = vec![self.stack.reported_ino(r.top, r.stat.st_ino)];
-        if let Some(origin) = &r.origin
-            && let Some((layer, st)) = self.stack.find_origin(origin)
-        {
+        if let Some((layer, st)) = r.origin_target(&self.stack) {
             candidates.push(self.stack.reported_ino(layer, st.st_ino));
         }
         candidates.sort_unstable();
@@ -347,8 +345,7 @@ impl Overlay {
     }
 
     pub(crate) fn ino_of(&self, r: &Resolved) -> Ino {
-        if let Some(origin) = &r.origin
-            && let Some((layer, st)) = self.stack.find_origin(origin)
+        if let Some((layer, st)) = r.origin_target(&self.stack)
             && st.st_mode & libc::S_IFMT == r.stat.st_mode & libc::S_IFMT
         {
             let lower_ino = self.stack.reported_ino(layer, st.st_ino);

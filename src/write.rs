@@ -511,7 +511,8 @@ impl Overlay {
     fn remove_entry(&self, parent: &Arc<Node>, name: &OsStr, r: &Resolved) -> io::Result<()> {
         let node = self.nodes.get(self.ino_of(r));
         let others = self.other_nodes_named(parent.ino, name, r);
-        let needs_whiteout = self.lowers_have(parent, name)?;
+        // An object found in a lower is there: only an upper one needs the lowers asked.
+        let needs_whiteout = !self.stack.is_upper(r.top) || self.lowers_have(parent, name)?;
         if needs_whiteout && !self.stack.is_upper(r.top) {
             // The whiteout is a new inode in the upper.
             self.admit(1, 0)?;
