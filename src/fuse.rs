@@ -723,7 +723,7 @@ impl Filesystem for FuseAdapter {
                 a.kind = FileType::Directory;
                 a
             } else {
-                match self.overlay.lookup(ino.0, &e.name) {
+                match self.overlay.lookup_listed(ino.0, &e.name, e.layer) {
                     Ok(attr) => self.file_attr(&attr),
                     // Gone since the snapshot: skip it, as a later readdir would not show it.
                     Err(_) => continue,

@@ -395,9 +395,24 @@ impl Overlay {
     }
 
     pub fn lookup(&self, parent: Ino, name: &OsStr) -> io::Result<Attr> {
+        self.lookup_below(parent, name, 0)
+    }
+
+    /// Looks up an entry of a listing of `parent`: `listed_in` is the top-most layer the
+    /// listing found it in. The lowers above it do not hold the name (they never change), so
+    /// only the upper and the layers from there down are asked: in a deep stack, one `lstat`
+    /// instead of one per layer above.
+    pub fn lookup_listed(&self, parent: Ino, name: &OsStr, listed_in: LayerId) -> io::Result<Attr> {
+        self.lookup_below(parent, name, listed_in)
+    }
+
+    fn lookup_below(&self, parent: Ino, name: &OsStr, first: LayerId) -> io::Result<Attr> {
         let parent = self.node(parent)?;
         let since = crate::node::backing_changes();
-        let layers = Self::dir_layers(&parent)?;
+        let mut layers = Self::dir_layers(&parent)?;
+        if first > 0 {
+            layers.retain(|d| self.stack.is_upper(d.layer) || d.layer >= first);
+        }
         let mut resolved =
             lookup::resolve(&self.stack, &layers, name)?.ok_or_else(|| errno(libc::ENOENT))?;
         if resolved.origin.is_none() && resolved.merge_origin.is_some() {

@@ -11,7 +11,7 @@ use std::os::unix::ffi::OsStrExt;
 use nix::dir::{Dir, Type};
 
 use crate::format;
-use crate::layer;
+use crate::layer::{self, LayerId};
 use crate::lookup;
 use crate::node::{DirLayer, Ino, fd_of};
 use crate::stack::Stack;
@@ -24,6 +24,9 @@ pub struct DirEntry {
     /// `S_IFMT` bits of the entry.
     pub file_type: u32,
     pub name: OsString,
+    /// The top-most layer holding the name: the layers above it (but the upper, which may
+    /// change) need not be asked again when the entry is looked up (see `Overlay::lookup`).
+    pub layer: LayerId,
 }
 
 /// Lists the merged directory made of `layers`; `dot` and `dotdot` are the inode numbers of
@@ -56,11 +59,13 @@ fn listing(
             ino: dot,
             file_type: libc::S_IFDIR,
             name: ".".into(),
+            layer: 0,
         },
         DirEntry {
             ino: dotdot,
             file_type: libc::S_IFDIR,
             name: "..".into(),
+            layer: 0,
         },
     ];
     let mut seen: HashSet<OsString> = HashSet::new();
@@ -113,6 +118,7 @@ fn listing(
                 ino: stack.reported_ino(dl.layer, ino),
                 file_type,
                 name: name.to_os_string(),
+                layer: dl.layer,
             });
         }
         seen.extend(hidden_below);
