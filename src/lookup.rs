@@ -33,6 +33,23 @@ pub struct Resolved {
 }
 
 impl Resolved {
+    pub fn new(
+        backing: Backing,
+        stat: FileStat,
+        top: LayerId,
+        origin: Option<Origin>,
+        merge_origin: Option<(LayerId, u64)>,
+    ) -> Resolved {
+        Resolved {
+            backing,
+            stat,
+            top,
+            origin,
+            merge_origin,
+            origin_target: OnceLock::new(),
+        }
+    }
+
     /// The lower object the origin record names, if any is found (see `Stack::find_origin`).
     pub fn origin_target(&self, stack: &Stack) -> Option<(LayerId, FileStat)> {
         *self
@@ -339,7 +356,8 @@ pub fn read_dir_marks(stack: &Stack, fd: &std::os::fd::OwnedFd) -> DirMarks {
     marks
 }
 
-fn has_oci_whiteout(dl: &DirLayer, name: &OsStr) -> io::Result<bool> {
+/// Whether an OCI `.wh.NAME` marker in this layer's copy hides `name` in the layers below.
+pub fn has_oci_whiteout(dl: &DirLayer, name: &OsStr) -> io::Result<bool> {
     if !holds_oci_markers(dl)? {
         return Ok(false);
     }

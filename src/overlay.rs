@@ -179,18 +179,34 @@ impl Overlay {
 
     /// Where `node` is reached in its top-most layer.
     pub(crate) fn locate(&self, node: &Node) -> io::Result<(Location, LayerId)> {
+        self.locate_checked(node)
+            .map(|(loc, layer, _)| (loc, layer))
+    }
+
+    /// Where `node` is reached in its top-most layer, with the `lstat` of what is there.
+    pub(crate) fn locate_stat(&self, node: &Node) -> io::Result<(Location, LayerId, FileStat)> {
+        let (loc, layer, checked) = self.locate_checked(node)?;
+        let st = match checked {
+            Some(st) => st,
+            None => loc.stat()?,
+        };
+        Ok((loc, layer, st))
+    }
+
+    /// `locate`, with the `lstat` taken to check an upper name still holds the object.
+    fn locate_checked(&self, node: &Node) -> io::Result<(Location, LayerId, Option<FileStat>)> {
         let st = node.state();
         match &st.backing {
             Backing::Dir(layers) => {
                 let top = layers.first().ok_or_else(|| errno(libc::ESTALE))?;
-                Ok((Location::Dir(top.fd()?), top.layer))
+                Ok((Location::Dir(top.fd()?), top.layer, None))
             }
             Backing::NonDir { layer, indexed, .. } => {
                 let upper = self.stack.is_upper(*layer);
                 if st.aliases.is_empty() && upper {
                     // Its old name in the upper may hold something else by now (a whiteout,
                     // a new file): only the fd kept when the name went reaches it.
-                    return Self::kept_location(&st).map(|loc| (loc, *layer));
+                    return Self::kept_location(&st).map(|loc| (loc, *layer, None));
                 }
                 if !upper {
                     // A lower object keeps its lower name: the lowers never change.
@@ -202,7 +218,7 @@ impl Overlay {
                         .parent
                         .dir_fd(*layer)?
                         .ok_or_else(|| errno(libc::ESTALE))?;
-                    return Ok((Location::Entry(dir, alias.name.clone()), *layer));
+                    return Ok((Location::Entry(dir, alias.name.clone()), *layer, None));
                 }
                 // Under `index=on` some names of a copied-up hard link are only lower names
                 // (not linked up): the copy is reached by a name of it the upper holds, or
@@ -219,14 +235,16 @@ impl Overlay {
                     // A request racing with a rename or unlink of this name may find the name
                     // already holding something else (a whiteout above all): never act on that.
                     let found = layer::stat_at(fd_of(&dir), &alias.name);
-                    if found.is_ok_and(|f| f.st_mode & libc::S_IFMT == st.file_type) {
-                        return Ok((Location::Entry(dir, alias.name.clone()), *layer));
+                    if let Ok(f) = found
+                        && f.st_mode & libc::S_IFMT == st.file_type
+                    {
+                        return Ok((Location::Entry(dir, alias.name.clone()), *layer, Some(f)));
                     }
                 }
                 if let Some(entry) = indexed {
-                    return Ok((self.index_location(entry)?, *layer));
+                    return Ok((self.index_location(entry)?, *layer, None));
                 }
-                Self::kept_location(&st).map(|loc| (loc, *layer))
+                Self::kept_location(&st).map(|loc| (loc, *layer, None))
             }
         }
     }
@@ -542,8 +560,7 @@ impl Overlay {
             let st = nix::sys::stat::fstat(&fd)?;
             return Ok(self.attr_of(&node, &st));
         }
-        let (loc, _) = self.locate(&node)?;
-        let st = loc.stat()?;
+        let (_, _, st) = self.locate_stat(&node)?;
         if st.st_mode & libc::S_IFMT != node.state().file_type {
             // Its last name now holds something else (a whiteout): the object is gone.
             return Err(errno(libc::ENOENT));

@@ -7,7 +7,7 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -162,6 +162,7 @@ impl Overlay {
 
     /// Creates a new object `name` in `parent` with `make`, owned by the caller. Over a
     /// whiteout it is built in the work directory (a directory marked opaque) and swapped in.
+    /// `make` may return the new object opened (a regular file), which comes back with it.
     fn create_object<F>(
         &self,
         parent: &Arc<Node>,
@@ -169,69 +170,72 @@ impl Overlay {
         caller: &Caller,
         is_dir: bool,
         make: F,
-    ) -> io::Result<Attr>
+    ) -> io::Result<(Attr, Option<OwnedFd>)>
     where
-        F: Fn(BorrowedFd<'_>, &OsStr) -> io::Result<()>,
+        F: Fn(BorrowedFd<'_>, &OsStr) -> io::Result<Option<OwnedFd>>,
     {
         refuse_marker_name(name)?;
         self.work()?;
-        if self.resolve_child(parent, name)?.is_some() {
+        let layers = Self::dir_layers(parent)?;
+        let upper_only = matches!(layers.as_slice(), [only] if self.stack.is_upper(only.layer));
+        if !upper_only && lookup::resolve(&self.stack, &layers, name)?.is_some() {
             return Err(errno(libc::EEXIST));
         }
         let upper = self.upper_dir(parent)?;
         let dir = fd_of(&upper);
+        let over = if upper_only {
+            // The upper copy alone makes this directory: what its entry is decides.
+            self.hidden_in_upper_only(&layers[0], name)?
+        } else {
+            if Self::upper_has_entry(dir, name)? {
+                Some(Hidden::ByWhiteout)
+            } else if Self::upper_has_entry(
+                dir,
+                OsStr::from_bytes(&format::oci_whiteout_name(name)),
+            )? {
+                Some(Hidden::ByOciMarker)
+            } else {
+                None
+            }
+        };
         let parent_st = layer::stat_fd(dir)?;
         let gid = if parent_st.st_mode & libc::S_ISGID != 0 {
             parent_st.st_gid
         } else {
             caller.gid
         };
-        let over = if Self::upper_has_entry(dir, name)? {
-            Some(Hidden::ByWhiteout)
-        } else if Self::upper_has_entry(dir, OsStr::from_bytes(&format::oci_whiteout_name(name)))? {
-            Some(Hidden::ByOciMarker)
-        } else {
-            None
-        };
-        if let Some(over) = over {
+        let mut opaque = false;
+        let opened = if let Some(over) = over {
             let work = self.work()?;
             let tmp = work.temp_name();
             // Built outside its parent, a directory does not inherit a setgid parent's bit by
             // itself: give it as the parent's filesystem would have.
             let inherit_sgid = is_dir && parent_st.st_mode & libc::S_ISGID != 0;
-            let built = make(work.fd(), &tmp)
-                .and_then(|()| give_to(work.fd(), &tmp, caller.uid, gid))
-                .and_then(|()| {
-                    if inherit_sgid {
-                        add_mode_bits(work.fd(), &tmp, libc::S_ISGID)
-                    } else {
-                        Ok(())
-                    }
-                })
-                .and_then(|()| {
-                    if is_dir {
-                        XattrTarget::Entry(work.fd(), &tmp).set(
-                            &self.stack.names.name("opaque"),
-                            b"y",
-                            0,
-                        )
-                    } else {
-                        Ok(())
-                    }
-                })
-                .and_then(|()| {
-                    let flags = match over {
-                        Hidden::ByWhiteout => RenameFlags::RENAME_EXCHANGE,
-                        Hidden::ByOciMarker => RenameFlags::RENAME_NOREPLACE,
-                    };
-                    nix::fcntl::renameat2(work.fd(), tmp.as_os_str(), dir, name, flags)
-                        .map_err(io::Error::from)
-                });
+            let built = make(work.fd(), &tmp).and_then(|opened| {
+                give_to(work.fd(), &tmp, caller.uid, gid)?;
+                if inherit_sgid {
+                    add_mode_bits(work.fd(), &tmp, libc::S_ISGID)?;
+                }
+                if is_dir {
+                    XattrTarget::Entry(work.fd(), &tmp).set(
+                        &self.stack.names.name("opaque"),
+                        b"y",
+                        0,
+                    )?;
+                }
+                let flags = match over {
+                    Hidden::ByWhiteout => RenameFlags::RENAME_EXCHANGE,
+                    Hidden::ByOciMarker => RenameFlags::RENAME_NOREPLACE,
+                };
+                nix::fcntl::renameat2(work.fd(), tmp.as_os_str(), dir, name, flags)?;
+                Ok(opened)
+            });
             // After an exchange the temporary is the old whiteout; on failure, our new object.
             if over == Hidden::ByWhiteout || built.is_err() {
                 work.discard(&tmp);
             }
-            built?;
+            let opened = built?;
+            opaque = is_dir;
             if over == Hidden::ByOciMarker {
                 // The new object shadows the marker already; removing it keeps the upper as
                 // plain as the kernel's (a crash before this leaves a harmless marker).
@@ -244,8 +248,9 @@ impl Overlay {
                     tracing::warn!(name = ?name, error = %e, "cannot remove the OCI whiteout under a new object");
                 }
             }
+            opened
         } else {
-            make(dir, name)?;
+            let opened = make(dir, name)?;
             if let Err(e) = give_to(dir, name, caller.uid, gid) {
                 let _ = crate::workdir::remove_entry(dir, name);
                 return Err(e);
@@ -254,17 +259,68 @@ impl Overlay {
                 // As the kernel once redirects may be written (no more offline changes to
                 // the lowers): a new directory in a merged one is opaque. Only a shortcut for
                 // lookups, so a failure is not an error.
-                let opaque = self.stack.names.name("opaque");
-                if let Err(e) = XattrTarget::Entry(dir, name).set(&opaque, b"y", 0) {
-                    tracing::debug!(error = %e, "cannot mark a new directory opaque");
+                let opaque_name = self.stack.names.name("opaque");
+                match XattrTarget::Entry(dir, name).set(&opaque_name, b"y", 0) {
+                    Ok(()) => opaque = true,
+                    Err(e) => tracing::debug!(error = %e, "cannot mark a new directory opaque"),
                 }
             }
-        }
+            opened
+        };
         let since = crate::node::backing_changes();
-        let r = self
-            .resolve_child(parent, name)?
-            .ok_or_else(|| errno(libc::EIO))?;
-        Ok(self.remember(parent, name, r, since))
+        let r = self.resolve_new(parent, &upper, name, opaque, opened.as_ref())?;
+        Ok((self.remember(parent, name, r, since), opened))
+    }
+
+    /// What `name`, just made in the upper copy `upper_dir` of `parent`, resolves to: the
+    /// new object alone (no origin, no metacopy). Nothing below it shows: the name was free
+    /// in the merged view, so every lower either lacks it or hides it behind a whiteout,
+    /// and a new directory over a whiteout is opaque. Read without asking the layers again,
+    /// as the kernel's overlay takes the new upper dentry as it is.
+    fn resolve_new(
+        &self,
+        parent: &Arc<Node>,
+        upper_dir: &Arc<OwnedFd>,
+        name: &OsStr,
+        opaque: bool,
+        opened: Option<&OwnedFd>,
+    ) -> io::Result<Resolved> {
+        let dir = fd_of(upper_dir);
+        let st = match opened {
+            Some(fd) => layer::stat_fd(fd.as_fd())?,
+            None => layer::stat_at(dir, name)?,
+        };
+        let backing = if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            let parent_copy = parent.dir_layer(UPPER).ok_or_else(|| errno(libc::EIO))?;
+            let fd = layer::open_dir_at(dir, name)?;
+            let marks = format::DirMarks {
+                opaque,
+                xwhiteouts: false,
+            };
+            Backing::Dir(vec![DirLayer::child(&parent_copy, name, fd, marks)?])
+        } else {
+            Backing::non_dir(UPPER)
+        };
+        Ok(Resolved::new(backing, st, UPPER, None, None))
+    }
+
+    /// For a directory made of its upper copy `dl` alone: EEXIST when `name` exists in the
+    /// merged view, else what hides a former object there, as `lookup::resolve` judges it.
+    fn hidden_in_upper_only(&self, dl: &DirLayer, name: &OsStr) -> io::Result<Option<Hidden>> {
+        match layer::stat_at(fd_of(&dl.fd()?), name) {
+            Ok(st) if lookup::is_whiteout(&self.stack, dl, name, &st) => {
+                Ok(Some(Hidden::ByWhiteout))
+            }
+            Ok(_) => Err(errno(libc::EEXIST)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                if lookup::has_oci_whiteout(dl, name)? {
+                    Ok(Some(Hidden::ByOciMarker))
+                } else {
+                    Ok(None)
+                }
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// The permission bits of a new object: the caller's umask applies unless the parent has a
@@ -307,17 +363,19 @@ impl Overlay {
                     OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL,
                     perm,
                 )
-                .map(drop)
+                .map(Some)
             } else {
-                Ok(nix::sys::stat::mknodat(
+                nix::sys::stat::mknodat(
                     dir,
                     n,
                     SFlag::from_bits_truncate(kind),
                     Mode::from_bits_truncate(perm),
                     rdev,
-                )?)
+                )?;
+                Ok(None)
             }
         })
+        .map(|(attr, _)| attr)
     }
 
     pub(crate) fn mkdir_uncounted(
@@ -331,12 +389,10 @@ impl Overlay {
         let parent = self.node(parent)?;
         let perm = self.new_mode(&parent, mode, umask)?;
         self.create_object(&parent, name, caller, true, |dir, n| {
-            Ok(nix::sys::stat::mkdirat(
-                dir,
-                n,
-                Mode::from_bits_truncate(perm),
-            )?)
+            nix::sys::stat::mkdirat(dir, n, Mode::from_bits_truncate(perm))?;
+            Ok(None)
         })
+        .map(|(attr, _)| attr)
     }
 
     pub(crate) fn symlink_uncounted(
@@ -348,8 +404,10 @@ impl Overlay {
     ) -> io::Result<Attr> {
         let parent = self.node(parent)?;
         self.create_object(&parent, name, caller, false, |dir, n| {
-            Ok(nix::unistd::symlinkat(target, dir, n)?)
+            nix::unistd::symlinkat(target, dir, n)?;
+            Ok(None)
         })
+        .map(|(attr, _)| attr)
     }
 
     /// Creates and opens a regular file; an existing one is opened (and truncated if asked),
@@ -365,23 +423,37 @@ impl Overlay {
     ) -> io::Result<(Attr, u64)> {
         let parent_node = self.node(parent)?;
         let perm = self.new_mode(&parent_node, mode, umask)?;
-        let attr = match self.create_object(&parent_node, name, caller, false, |dir, n| {
-            layer::open_at(
-                dir,
-                n,
-                OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL,
-                perm,
-            )
-            .map(drop)
-        }) {
-            Ok(attr) => attr,
+        let flags = flags & !libc::O_CREAT;
+        // Made open as the caller asked (no truncation: it is new), so that the handle is
+        // the file just made, with no second open.
+        let mut open_flags = open_passthrough_flags(flags) - OFlag::O_TRUNC;
+        if !self.opts.sync {
+            open_flags.remove(OFlag::O_SYNC | OFlag::O_DSYNC);
+        }
+        // O_DIRECT may be refused by the upper's filesystem: then the file is made all the
+        // same and the open fails after, as in the kernel's overlay.
+        let direct = open_flags.contains(OFlag::O_DIRECT);
+        let made = self.create_object(&parent_node, name, caller, false, |dir, n| {
+            let new = OFlag::O_CREAT | OFlag::O_EXCL;
+            if direct {
+                layer::open_at(dir, n, OFlag::O_WRONLY | new, perm).map(|_| None)
+            } else {
+                layer::open_at(dir, n, open_flags | new, perm).map(Some)
+            }
+        });
+        let attr = match made {
+            Ok((attr, Some(fd))) => {
+                let fh = self.insert_file(attr.ino, File::from(fd), true);
+                return Ok((attr, fh));
+            }
+            Ok((attr, None)) => attr,
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) && flags & libc::O_EXCL == 0 => {
                 self.lookup(parent, name)?
             }
             Err(e) => return Err(e),
         };
         let node = self.node(attr.ino)?;
-        let flags = flags & !(libc::O_CREAT | libc::O_EXCL);
+        let flags = flags & !libc::O_EXCL;
         let (fh, _) = if crate::overlay::wants_write(flags) {
             self.open_for_write(&node, flags, caller)?
         } else {
@@ -1016,7 +1088,7 @@ impl Overlay {
             None => CopyData::Metacopy,
         };
         self.copy_up(&node, data)?;
-        let (loc, _) = self.locate(&node)?;
+        let (loc, _, st) = self.locate_stat(&node)?;
         if let Location::Kept(_) = &loc {
             // Unlinked, not open through us, still held by the kernel (a path through
             // /proc/PID/fd): change the file itself, never what its old name holds now.
@@ -1028,7 +1100,6 @@ impl Overlay {
             let file = File::from(loc.open(access)?);
             return self.setattr_open_file(&node, &file, set);
         }
-        let st = loc.stat()?;
         let (dir, name): (BorrowedFd<'_>, Option<&OsStr>) = match &loc {
             Location::Dir(fd) => (fd_of(fd), None),
             Location::Entry(d, n) => (fd_of(d), Some(n.as_os_str())),
