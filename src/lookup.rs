@@ -120,11 +120,22 @@ pub fn resolve(stack: &Stack, parent: &[DirLayer], name: &OsStr) -> io::Result<O
         if format::is_oci_marker(name.as_bytes()) {
             continue;
         }
+        if is_lower && dl.names.holds(name.as_bytes()) == Some(false) {
+            // Absent from a lower copy whose names are held: no need to ask.
+            let marker = format::oci_whiteout_name(name);
+            if dl.names.holds(&marker) == Some(true) && has_oci_whiteout(&dl, name)? {
+                break;
+            }
+            continue;
+        }
         let st = match layer::stat_at(fd_of(&dl.fd()?), name) {
             Ok(st) => st,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
                 if has_oci_whiteout(&dl, name)? {
                     break;
+                }
+                if is_lower {
+                    dl.names.missed(fd_of(&dl.fd()?));
                 }
                 continue;
             }

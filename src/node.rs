@@ -4,10 +4,10 @@
 //! hold no fd and are reached as (parent directory fd in their layer, name), so the fd count
 //! follows cached directories, not files.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -43,6 +43,66 @@ pub struct DirLayer {
     /// Whether this copy holds any OCI `.wh.` marker, found by listing it once when first
     /// needed: a lower without any spares every missing name a second lookup.
     pub oci_markers: Arc<OnceLock<bool>>,
+    /// A lower copy's names, listed once it has answered enough lookups of missing names.
+    pub names: Arc<LowerNames>,
+}
+
+/// How many lookups of missing names a lower directory copy answers by `lstat` before its
+/// names are listed once and held: a directory asked once or twice is not worth listing.
+const MISSES_BEFORE_LISTING: u32 = 8;
+
+/// The most names held for one lower directory copy; a larger one is always asked.
+const MAX_LISTED_NAMES: usize = 1 << 16;
+
+/// The names of a lower directory copy, held once it has missed enough lookups: a lower
+/// never changes under the mount (what the overlay shows when one does is undefined, for the
+/// kernel's too), so a name it does not list is absent without asking the filesystem.
+#[derive(Debug, Default)]
+pub struct LowerNames {
+    misses: AtomicU32,
+    /// `None` once listed when the copy holds too many names to keep.
+    names: OnceLock<Option<HashSet<Box<[u8]>>>>,
+}
+
+impl LowerNames {
+    /// Whether the copy is known to hold `name`: `None` until its names are listed.
+    pub fn holds(&self, name: &[u8]) -> Option<bool> {
+        match self.names.get() {
+            Some(Some(names)) => Some(names.contains(name)),
+            _ => None,
+        }
+    }
+
+    /// Counts one lookup of a missing name; lists the copy `dir` once enough have missed.
+    pub fn missed(&self, dir: BorrowedFd<'_>) {
+        if self.names.get().is_some()
+            || self.misses.fetch_add(1, Ordering::Relaxed) + 1 < MISSES_BEFORE_LISTING
+        {
+            return;
+        }
+        // Listed by one lookup; the others keep asking the filesystem meanwhile.
+        if let Ok(listed) = list_names(dir) {
+            let _ = self.names.set(listed);
+        }
+    }
+}
+
+/// The names in the directory `dir`, or `None` past `MAX_LISTED_NAMES`.
+fn list_names(dir: BorrowedFd<'_>) -> std::io::Result<Option<HashSet<Box<[u8]>>>> {
+    let mut listing = nix::dir::Dir::from_fd(crate::layer::reopen_dir(dir)?)?;
+    let mut names = HashSet::new();
+    for entry in listing.iter() {
+        let entry = entry?;
+        let name = entry.file_name().to_bytes();
+        if name == b"." || name == b".." {
+            continue;
+        }
+        if names.len() == MAX_LISTED_NAMES {
+            return Ok(None);
+        }
+        names.insert(Box::from(name));
+    }
+    Ok(Some(names))
 }
 
 impl DirLayer {
@@ -53,6 +113,7 @@ impl DirLayer {
             dir,
             marks,
             oci_markers: Arc::new(OnceLock::new()),
+            names: Arc::default(),
         }
     }
 
@@ -68,6 +129,7 @@ impl DirLayer {
             dir: DirFd::child(&parent.dir, name, fd)?,
             marks,
             oci_markers: Arc::new(OnceLock::new()),
+            names: Arc::default(),
         })
     }
 
@@ -301,6 +363,7 @@ fn keep_dir_identities(old: &Backing, fresh: &mut Backing) {
         {
             copy.dir = known.dir.clone();
             copy.oci_markers = known.oci_markers.clone();
+            copy.names = known.names.clone();
         }
     }
 }
