@@ -26,6 +26,7 @@ RSFS_DEPS=(
     newuidmap:uidmap            # podman's user-namespace helpers
     python3:python3             # tests/locks.rs: the second process that asks for locks
     strace:strace               # tests/options_volatile.rs: no sync reaches the upper
+    fincore:util-linux          # tests/passthrough.rs: which pages a mount caches
 )
 
 # The packages installed when anything is missing: all of them at once (apt skips those present).
@@ -86,14 +87,20 @@ install_deps() {
         echo "install-deps: apt-get update failed; retrying in $((try * 5))s" >&2
         sleep $((try * 5))
     done
+    local packages=("${RSFS_PACKAGES[@]}")
+    # fincore moved from util-linux to util-linux-extra (Debian 12, Ubuntu 24.04); older
+    # releases have it in util-linux, which is always installed.
+    if apt-cache show util-linux-extra >/dev/null 2>&1; then
+        packages+=(util-linux-extra)
+    fi
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
-        apt-get -q install -y --no-install-recommends "${RSFS_PACKAGES[@]}" </dev/null
+        apt-get -q install -y --no-install-recommends "${packages[@]}" </dev/null
     missing=$(rsfs_missing_commands)
     if [ -n "$missing" ]; then
         echo "install-deps: error: still missing after apt-get install: $missing" >&2
         return 1
     fi
-    echo "install-deps: installed ${RSFS_PACKAGES[*]}"
+    echo "install-deps: installed ${packages[*]}"
 }
 
 # Best effort: in a container modprobe may fail while the host already has the module loaded, so
