@@ -154,7 +154,8 @@ impl Overlay {
         copied
     }
 
-    /// The copy itself: built in the work directory, renamed into `parent_upper` as `name`.
+    /// The copy itself: built in the work directory (a regular file unnamed, anything else
+    /// under a temporary name), then put into `parent_upper` as `name`.
     #[allow(clippy::too_many_arguments)]
     fn copy_into(
         &self,
@@ -169,12 +170,52 @@ impl Overlay {
         data: CopyData,
         lower_data: Option<Arc<LowerData>>,
     ) -> io::Result<()> {
-        let tmp = work.temp_name();
         // A lower metacopy file copied up whole: its data is not where its metadata is.
         let source = match &lower_data {
             Some(_) => None,
             None => self.lower_data_location(node)?.map(|(loc, _)| loc),
         };
+        // A regular file is built unnamed (O_TMPFILE) and linked into place, as the kernel
+        // does: its fsync then writes the file alone (ext4 without a journal also syncs
+        // the directory a new name went into), and a crash leaves no name to clean up.
+        // `index=on` links the copy into the index under a name first: that one is named.
+        let unnamed = match (st.st_mode & libc::S_IFMT, loc, &self.stack.index) {
+            (libc::S_IFREG, Location::Entry(..), None) => unnamed_file(work.fd()),
+            _ => None,
+        };
+        if let Some(file) = unnamed {
+            // Its xattrs are set through the open file (the `Dir` target is any open fd).
+            let built = self
+                .build_regular(
+                    &file,
+                    XattrTarget::Dir(file.as_fd()),
+                    loc,
+                    source.as_ref(),
+                    st,
+                    data,
+                )
+                .and_then(|()| self.finish_copy(XattrTarget::Dir(file.as_fd()), loc, lower, data))
+                .and_then(|origin| {
+                    set_owner_mode_times_fd(&file, st)?;
+                    Ok(origin)
+                });
+            let origin = built?;
+            let parent_times = layer::stat_fd(fd_of(parent_upper))?;
+            link_unnamed(&file, fd_of(parent_upper), name)?;
+            return self.copied(
+                node,
+                parent,
+                parent_upper,
+                name,
+                st,
+                data,
+                lower_data,
+                origin.is_some(),
+                &parent_times,
+                (None, st.st_nlink > 1),
+            );
+        }
+        let tmp = work.temp_name();
         let origin = match self.build_copy(work, &tmp, loc, source.as_ref(), lower, st, data) {
             Ok(origin) => origin,
             Err(e) => {
@@ -220,10 +261,40 @@ impl Overlay {
             work.discard(&tmp);
             return Err(e);
         }
+        self.copied(
+            node,
+            parent,
+            parent_upper,
+            name,
+            st,
+            data,
+            lower_data,
+            has_origin,
+            &parent_times,
+            (index_links, indexed),
+        )
+    }
+
+    /// What follows a copy put in place as `parent_upper/name`: the parent marked impure and
+    /// its times restored, the node moved to its copy, the kernel told, hard links joined.
+    #[allow(clippy::too_many_arguments)]
+    fn copied(
+        &self,
+        node: &Arc<Node>,
+        parent: &Arc<Node>,
+        parent_upper: &Arc<OwnedFd>,
+        name: &OsStr,
+        st: &FileStat,
+        data: CopyData,
+        lower_data: Option<Arc<LowerData>>,
+        has_origin: bool,
+        parent_times: &FileStat,
+        (index_links, indexed): (Option<std::ffi::OsString>, bool),
+    ) -> io::Result<()> {
         if has_origin {
             self.mark_impure(fd_of(parent_upper));
         }
-        restore_times(fd_of(parent_upper), None, &parent_times);
+        restore_times(fd_of(parent_upper), None, parent_times);
         debug!(ino = node.ino, name = ?name, "copied up");
         crate::stats::copied_up(if data == CopyData::All {
             st.st_size as u64
@@ -318,30 +389,19 @@ impl Overlay {
     ) -> io::Result<Option<Origin>> {
         let wd = work.fd();
         let kind = st.st_mode & libc::S_IFMT;
+        let dst = XattrTarget::Entry(wd, tmp);
         match (kind, loc) {
             (libc::S_IFDIR, _) => {
                 nix::sys::stat::mkdirat(wd, tmp, Mode::from_bits_truncate(0o700))?;
             }
             (libc::S_IFREG, Location::Entry(..)) => {
-                let dst = File::from(layer::open_at(
+                let file = File::from(layer::open_at(
                     wd,
                     tmp,
                     OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL,
                     0o600,
                 )?);
-                match data {
-                    CopyData::All => {
-                        let src = File::from(data_source.unwrap_or(loc).open(OFlag::O_RDONLY)?);
-                        copy_data(&src, &dst, st.st_size as u64)?;
-                    }
-                    // The size the data will have, as a hole (the kernel's metacopy file).
-                    CopyData::Metacopy => dst.set_len(st.st_size as u64)?,
-                    CopyData::MetadataOnly => {}
-                }
-                // The copy must be complete on disk before the rename makes it visible.
-                if self.opts.sync {
-                    dst.sync_all()?;
-                }
+                self.build_regular(&file, dst, loc, data_source, st, data)?;
             }
             (libc::S_IFLNK, Location::Entry(dir, name)) => {
                 let target = layer::readlink_at(fd_of(dir), name)?;
@@ -360,8 +420,50 @@ impl Overlay {
             // Copy-up reads lower objects, which never need a kept fd.
             (_, Location::Dir(_) | Location::Kept(_)) => return Err(errno(libc::EIO)),
         }
-        let dst = XattrTarget::Entry(wd, tmp);
-        copy_xattrs(&self.stack.names, loc.xattr_target(), dst)?;
+        if kind != libc::S_IFREG {
+            copy_xattrs(&self.stack.names, loc.xattr_target(), dst)?;
+        }
+        let origin = self.finish_copy(dst, loc, lower, data)?;
+        set_owner_mode_times(wd, tmp, st)?;
+        Ok(origin)
+    }
+
+    /// The data of a regular file's copy `file` (all of it, none, or a metacopy file's size
+    /// as a hole), synced when syncs are on, then its xattrs (`dst` is the same file).
+    fn build_regular(
+        &self,
+        file: &File,
+        dst: XattrTarget<'_>,
+        loc: &Location,
+        data_source: Option<&Location>,
+        st: &FileStat,
+        data: CopyData,
+    ) -> io::Result<()> {
+        match data {
+            CopyData::All => {
+                let src = File::from(data_source.unwrap_or(loc).open(OFlag::O_RDONLY)?);
+                copy_data(&src, file, st.st_size as u64)?;
+            }
+            // The size the data will have, as a hole (the kernel's metacopy file).
+            CopyData::Metacopy => file.set_len(st.st_size as u64)?,
+            CopyData::MetadataOnly => {}
+        }
+        // The copy must be complete on disk before the rename makes it visible.
+        if self.opts.sync {
+            file.sync_all()?;
+        }
+        copy_xattrs(&self.stack.names, loc.xattr_target(), dst)
+    }
+
+    /// The overlay's own records on a copy `dst` of the object at `loc`: its origin (the
+    /// lower object's file handle), and the metacopy mark of a copy without data.
+    fn finish_copy(
+        &self,
+        dst: XattrTarget<'_>,
+        loc: &Location,
+        lower: LayerId,
+        data: CopyData,
+    ) -> io::Result<Option<Origin>> {
         let origin_fd = match loc {
             Location::Dir(fd) => self.stack.origin_of(lower, fd_of(fd), None),
             Location::Entry(dir, name) => self.stack.origin_of(lower, fd_of(dir), Some(name)),
@@ -373,7 +475,6 @@ impl Overlay {
         if data == CopyData::Metacopy {
             dst.set(&self.stack.names.name("metacopy"), b"", 0)?;
         }
-        set_owner_mode_times(wd, tmp, st)?;
         Ok(origin_fd)
     }
 
@@ -414,6 +515,71 @@ pub(crate) fn set_owner_mode_times(
     }
     restore_times(dir, Some(name), st);
     Ok(())
+}
+
+/// `set_owner_mode_times` for a regular file held open.
+fn set_owner_mode_times_fd(file: &File, st: &FileStat) -> io::Result<()> {
+    nix::unistd::fchown(
+        file,
+        Some(Uid::from_raw(st.st_uid)),
+        Some(Gid::from_raw(st.st_gid)),
+    )?;
+    nix::sys::stat::fchmod(file, Mode::from_bits_truncate(st.st_mode & 0o7777))?;
+    let atime = TimeSpec::new(st.st_atime, st.st_atime_nsec);
+    let mtime = TimeSpec::new(st.st_mtime, st.st_mtime_nsec);
+    if let Err(e) = nix::sys::stat::futimens(file, &atime, &mtime) {
+        debug!(error = %e, "cannot restore times");
+    }
+    Ok(())
+}
+
+/// Set once the work directory's filesystem refused an unnamed file (no O_TMPFILE).
+static NO_TMPFILE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A new unnamed regular file on the work directory's filesystem, writable, mode 0600;
+/// `None` where the filesystem cannot make one (then the copy is built under a name).
+fn unnamed_file(work: BorrowedFd<'_>) -> Option<File> {
+    use std::sync::atomic::Ordering;
+    if NO_TMPFILE.load(Ordering::Relaxed) {
+        return None;
+    }
+    match nix::fcntl::openat(
+        work,
+        c".",
+        OFlag::O_TMPFILE | OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o600),
+    ) {
+        Ok(fd) => Some(File::from(fd)),
+        Err(e) => {
+            if matches!(
+                e,
+                nix::errno::Errno::EOPNOTSUPP
+                    | nix::errno::Errno::EISDIR
+                    | nix::errno::Errno::EINVAL
+            ) {
+                NO_TMPFILE.store(true, Ordering::Relaxed);
+            }
+            debug!(error = %e, "no unnamed file in the work directory; building under a name");
+            None
+        }
+    }
+}
+
+/// Gives the unnamed `file` its name `dir/name` (which must be free). Linking an fd needs
+/// CAP_DAC_READ_SEARCH or the opener's credentials; through `/proc/self/fd` it needs neither.
+fn link_unnamed(file: &File, dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+    match nix::unistd::linkat(file, c"", dir, name, nix::fcntl::AtFlags::AT_EMPTY_PATH) {
+        Err(nix::errno::Errno::EPERM | nix::errno::Errno::ENOENT) => {}
+        other => return Ok(other?),
+    }
+    let path = sys::proc_path(file.as_fd(), None)?;
+    Ok(nix::unistd::linkat(
+        nix::fcntl::AT_FDCWD,
+        path.as_c_str(),
+        dir,
+        name,
+        nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
+    )?)
 }
 
 /// Sets atime and mtime from `st` (best effort: a failure only leaves a newer time).
