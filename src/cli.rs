@@ -94,10 +94,10 @@ const OPTION_TABLE: &[(&str, &str)] = &[
     ("threaded=N",            "fuse-overlayfs's spelling of threads=N; 0 means 1"),
     ("timeout=SECONDS",       "how long the kernel may cache entries and attributes"),
     ("passthrough=all|upper|off", "which open files the kernel reads and writes itself (FUSE\n\
-                               passthrough, kernel >= 6.9 as root): all (default) shares lower\n\
-                               files' page cache between mounts, and a reader open before a\n\
-                               copy-up keeps reading the lower file; upper: only upper files,\n\
-                               a reader then follows the copy-up, as under the kernel"),
+                               passthrough, kernel >= 6.9 as root): all (default) also lower files\n\
+                               of 256 KiB or more, whose page cache mounts then share; a reader\n\
+                               of one open before a copy-up keeps reading the lower file;\n\
+                               upper: only upper files, readers follow copy-ups as under the kernel"),
     ("uidmapping=D:P:L[:...]", "show disk uids D..D+L as P..P+L, store callers' uids back;\nothers show as 65534 (fuse-overlayfs's option)"),
     ("gidmapping=D:P:L[:...]", "the same for gids"),
     ("squash_to_root",        "show every object as owned by 0:0 (storage unchanged)"),

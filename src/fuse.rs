@@ -58,6 +58,13 @@ impl Presentation {
     }
 }
 
+/// The smallest lower file that passes through. Each passthrough open costs the kernel a backing
+/// file of its own, and each read through it makes the next `stat` ask us again (the kernel
+/// drops the cached atime): for small files, read whole and often, that is dearer than a page
+/// cache copy of their own (tar of 50,000 files of 0-64 KiB, warm: 1.6 s more), while the
+/// memory shared is what large files hold.
+const LOWER_PASSTHROUGH_MIN: u64 = 256 << 10;
+
 /// Serves one `Overlay` to the kernel.
 #[derive(Debug)]
 pub struct FuseAdapter {
@@ -248,17 +255,13 @@ impl FuseAdapter {
         let lower_may_pass = self.show.passthrough == PassthroughMode::All;
         self.overlay
             .with_file(ino, fh, |file, in_upper| {
+                let st = file.metadata()?;
                 let may_pass = if in_upper {
                     upper_may_pass
                 } else {
-                    lower_may_pass
+                    lower_may_pass && st.len() >= LOWER_PASSTHROUGH_MIN
                 };
-                let want = if may_pass {
-                    let st = file.metadata()?;
-                    Some((st.dev(), st.ino()))
-                } else {
-                    None
-                };
+                let want = may_pass.then(|| (st.dev(), st.ino()));
                 Ok(self
                     .passthrough
                     .open_mode(nodeid, fh, want, || register(file)))
