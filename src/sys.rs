@@ -70,6 +70,41 @@ struct XattrArgs {
     flags: u32,
 }
 
+/// `getxattrat` or `setxattrat` (`nr`) of attribute `name` of `path` inside `dir`, never
+/// following a final symlink, with the value buffer `value` of `size` bytes and `flags`.
+///
+/// # Safety
+/// `value` is null with `size` 0, or valid for `size` bytes: written by `getxattrat`, read by
+/// `setxattrat`.
+unsafe fn xattrat_value_call(
+    nr: libc::c_long,
+    dir: libc::c_int,
+    path: &CStr,
+    name: &CStr,
+    value: *mut libc::c_void,
+    size: usize,
+    flags: libc::c_int,
+) -> libc::c_long {
+    let mut args = XattrArgs {
+        value: value as u64,
+        size: size.min(u32::MAX as usize) as u32,
+        flags: flags as u32,
+    };
+    // SAFETY: NUL-terminated path and name; `args` is a valid `xattr_args` of the size given,
+    // naming a buffer as the caller promises.
+    unsafe {
+        libc::syscall(
+            nr,
+            dir,
+            path.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+            name.as_ptr(),
+            &mut args as *mut XattrArgs,
+            std::mem::size_of::<XattrArgs>(),
+        )
+    }
+}
+
 /// Whether the `*xattrat` calls work here, found once by reading an attribute of `/`: a
 /// missing attribute is an answer, ENOSYS (old kernel) or EPERM (a seccomp filter) is not.
 fn xattrat_works() -> bool {
@@ -77,22 +112,16 @@ fn xattrat_works() -> bool {
     *WORKS.get_or_init(|| {
         #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
         {
-            let mut args = XattrArgs {
-                value: 0,
-                size: 0,
-                flags: 0,
-            };
-            // SAFETY: NUL-terminated path and name; `args` is a valid `xattr_args` of the size
-            // given, asking for the value's size only (null buffer).
+            // SAFETY: a null buffer of size 0 asks for the value's size only.
             let ret = unsafe {
-                libc::syscall(
+                xattrat_value_call(
                     xattrat::GET,
                     libc::AT_FDCWD,
-                    c"/".as_ptr(),
-                    libc::AT_SYMLINK_NOFOLLOW,
-                    c"user.rsfs-overlay.probe".as_ptr(),
-                    &mut args as *mut XattrArgs,
-                    std::mem::size_of::<XattrArgs>(),
+                    c"/",
+                    c"user.rsfs-overlay.probe",
+                    std::ptr::null_mut(),
+                    0,
+                    0,
                 )
             };
             let errno = io::Error::last_os_error().raw_os_error();
@@ -126,26 +155,11 @@ fn xattr_get_raw(at: XattrAt<'_>, name: &CStr, buf: &mut [u8]) -> libc::ssize_t 
         XattrAt::Fd(fd) => unsafe { libc::fgetxattr(fd.as_raw_fd(), name.as_ptr(), ptr, len) },
         // SAFETY: as above, and `path` is NUL-terminated.
         XattrAt::Path(path) => unsafe { libc::lgetxattr(path.as_ptr(), name.as_ptr(), ptr, len) },
-        XattrAt::Entry(dir, entry) => {
-            let mut args = XattrArgs {
-                value: ptr as u64,
-                size: len.min(u32::MAX as usize) as u32,
-                flags: 0,
-            };
-            // SAFETY: NUL-terminated entry and name; `args` names a buffer that is null with
-            // size 0 or valid for `size` bytes, and is a valid `xattr_args` of the size given.
-            unsafe {
-                libc::syscall(
-                    xattrat::GET,
-                    dir.as_raw_fd(),
-                    entry.as_ptr(),
-                    libc::AT_SYMLINK_NOFOLLOW,
-                    name.as_ptr(),
-                    &mut args as *mut XattrArgs,
-                    std::mem::size_of::<XattrArgs>(),
-                ) as libc::ssize_t
-            }
-        }
+        // SAFETY: `ptr` is null with len 0 or valid for `len` bytes.
+        XattrAt::Entry(dir, entry) => unsafe {
+            xattrat_value_call(xattrat::GET, dir.as_raw_fd(), entry, name, ptr, len, 0)
+                as libc::ssize_t
+        },
     }
 }
 
@@ -214,26 +228,18 @@ pub fn setxattr(at: XattrAt<'_>, name: &CStr, value: &[u8], flags: i32) -> io::R
             },
             // SAFETY: as above, and `path` is NUL-terminated.
             XattrAt::Path(p) => unsafe { libc::lsetxattr(p.as_ptr(), name.as_ptr(), v, n, flags) },
-            XattrAt::Entry(dir, entry) => {
-                let mut args = XattrArgs {
-                    value: v as u64,
-                    size: n.min(u32::MAX as usize) as u32,
-                    flags: flags as u32,
-                };
-                // SAFETY: NUL-terminated entry and name; `args` names `value`, valid for
-                // `size` bytes, and is a valid `xattr_args` of the size given.
-                unsafe {
-                    libc::syscall(
-                        xattrat::SET,
-                        dir.as_raw_fd(),
-                        entry.as_ptr(),
-                        libc::AT_SYMLINK_NOFOLLOW,
-                        name.as_ptr(),
-                        &mut args as *mut XattrArgs,
-                        std::mem::size_of::<XattrArgs>(),
-                    ) as libc::c_int
-                }
-            }
+            // SAFETY: `value` is valid for `n` bytes, which setxattrat only reads.
+            XattrAt::Entry(dir, entry) => unsafe {
+                xattrat_value_call(
+                    xattrat::SET,
+                    dir.as_raw_fd(),
+                    entry,
+                    name,
+                    v as *mut libc::c_void,
+                    n,
+                    flags,
+                ) as libc::c_int
+            },
         })
     })?
 }

@@ -40,11 +40,8 @@ fn kernel_has_passthrough() -> bool {
 /// and asks the kernel which pages are resident). Through a mount, that is the FUSE inode's own
 /// cache, or with passthrough the backing file's.
 fn resident_mib(path: &Path) -> u64 {
-    let out = std::process::Command::new("fincore")
-        .args(["--bytes", "--noheadings", "--output", "RES"])
-        .arg(path)
-        .output()
-        .expect("run fincore (util-linux)");
+    let args = ["--bytes", "--noheadings", "--output", "RES"].map(std::ffi::OsStr::new);
+    let out = common::run("fincore", &[&args[..], &[path.as_os_str()]].concat());
     assert!(
         out.status.success(),
         "fincore {}: {}",
