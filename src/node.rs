@@ -75,15 +75,15 @@ impl LowerNames {
 
     /// Counts one lookup of a missing name; lists the copy `dir` once enough have missed.
     pub fn missed(&self, dir: BorrowedFd<'_>) {
+        // Listed by the lookup that reaches the count, once; the others keep asking the
+        // filesystem meanwhile. A copy that cannot be listed is asked every time, as one too
+        // large, rather than listed again on every miss.
         if self.names.get().is_some()
-            || self.misses.fetch_add(1, Ordering::Relaxed) + 1 < MISSES_BEFORE_LISTING
+            || self.misses.fetch_add(1, Ordering::Relaxed) + 1 != MISSES_BEFORE_LISTING
         {
             return;
         }
-        // Listed by one lookup; the others keep asking the filesystem meanwhile.
-        if let Ok(listed) = list_names(dir) {
-            let _ = self.names.set(listed);
-        }
+        let _ = self.names.set(list_names(dir).unwrap_or(None));
     }
 }
 
@@ -523,6 +523,30 @@ impl NodeTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lower_copy_is_listed_once_at_the_eighth_miss() {
+        let dir = std::env::temp_dir().join(format!("rsfs-node-names-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create a scratch directory");
+        std::fs::write(dir.join("present"), b"").expect("create a file");
+        let fd = std::fs::File::open(&dir).expect("open the directory");
+        let names = LowerNames::default();
+        for _ in 1..MISSES_BEFORE_LISTING {
+            names.missed(fd.as_fd());
+        }
+        assert_eq!(names.holds(b"present"), None, "not listed before the count");
+        names.missed(fd.as_fd());
+        assert_eq!(names.holds(b"present"), Some(true));
+        assert_eq!(names.holds(b"absent"), Some(false));
+        std::fs::write(dir.join("later"), b"").expect("create another file");
+        names.missed(fd.as_fd());
+        assert_eq!(
+            names.holds(b"later"),
+            Some(false),
+            "listed once, not on every miss"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     fn file_in(layer: LayerId) -> NodeState {
         NodeState::new(Backing::non_dir(layer), libc::S_IFREG)
